@@ -1,0 +1,35 @@
+"""The same code path sized for a 2-core CPU, with no network: the embedded default.
+
+    python train.py --config configs/tiny.py:all     # both stages into runs/tiny/
+    python train.py --config configs/tiny.py:vae
+    python train.py --config configs/tiny.py:diffusion
+
+Corpus: the running Python's standard-library sources. Tokenizer: a 1024-token
+byte-level BPE trained on them and saved inside the run. 64-token windows, 16 latents.
+"""
+
+from tokcom_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+  config = config_lib.base_config()
+  config.compute_dtype = 'float32'
+  config.tokenizer = 'bpe:1024'
+  config.vocab_size = 1024
+  config.max_length = 64
+  config.chunk_size = 4
+  config.data.source = 'stdlib'
+  config.vae.update(dict(
+      hidden_size=128, encoder_layers=2, decoder_layers=2, num_heads=4,
+      num_kv_heads=2, intermediate_size=384, latent_dim=32))
+  config.dit.update(dict(
+      hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+      intermediate_size=384))
+  config.vae_workdir = 'runs/tiny/vae'
+  config.train.update(dict(batch_size=32, warmup_steps=50, log_every=50,
+                           eval_every=250, eval_batches=8))
+  config.train.vae.update(dict(epochs=0, num_steps=1500, lr=1e-3))
+  config.train.diffusion.update(dict(epochs=0, num_steps=1500, lr=1e-3))
+  config.sample.update(dict(num_samples=2, sample_every=0))
+  config.wandb.update(dict(project='TokCom-tiny', mode='disabled'))
+  return config_lib.finalize(config, arg, stages=config_lib.STAGES + ('all',))

@@ -1,0 +1,160 @@
+"""Config helpers: the full set of fields, big_vision-style arguments, validation.
+
+A config file's `get_config(arg)` takes `arg` = `<stage>[,<field>=<value>...]`, e.g.
+`vae,batch_size=16,vae.encoder_layers=6`. A modifier names a field by its dotted path
+or, when the name is unique in the config, by its last component alone.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ('vae', 'diffusion')
+
+
+class ConfigError(ValueError):
+  """A config a user wrote that cannot run; the message says what to change."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field tokcom_jax reads, with the v5.2 values where the original has one."""
+  c = ml_collections.ConfigDict()
+  c.stage = 'vae'
+  c.seed = 0
+  c.compute_dtype = 'bfloat16'  # parameters and optimizer state stay fp32
+
+  # Text.
+  c.tokenizer = 'meta-llama/CodeLlama-7b-hf'
+  c.vocab_size = 32016  # embedding rows; must be >= the tokenizer's size
+  c.max_length = 1024
+  c.chunk_size = 4
+  c.data = ml_collections.ConfigDict(dict(
+      source='hf:wikitext:wikitext-2-raw-v1', text_column='text',
+      train_split='train', val_split='validation', cache_dir=''))
+
+  # Stage 1: chunk VAE. "24 layers" is split 12 encoder + 12 decoder: see configs/v52.py.
+  c.vae = ml_collections.ConfigDict(dict(
+      hidden_size=896, encoder_layers=12, decoder_layers=12, num_heads=14,
+      num_kv_heads=2, intermediate_size=4864, latent_dim=896,
+      rope_theta=1_000_000.0, rms_eps=1e-6, encoder_causal=True,
+      decoder_causal=True, kl_weight=0.0, kl_clamp=0.0, latent_noise=0.0,
+      latent_dropout=0.0))
+
+  # Stage 2: latent flow transformer.
+  c.dit = ml_collections.ConfigDict(dict(
+      hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+      intermediate_size=4864, rope_theta=10_000.0, rms_eps=1e-6,
+      time_freq_dim=256))
+  c.flow = ml_collections.ConfigDict(dict(
+      noise_std=0.05, t_schedule='uniform', t_mean=0.0, t_std=1.0,
+      ce_weight=1.0, mse_weight=1.0))
+  c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
+
+  # Optimisation. Per-stage length and learning rate; the rest is shared.
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.01,
+      grad_clip=1.0, b1=0.9, b2=0.95, log_every=10, eval_every=0,
+      eval_batches=16, checkpoint_every=0, keep_checkpoints=3,
+      vae=dict(epochs=5, num_steps=0, lr=1e-4),
+      diffusion=dict(epochs=10, num_steps=0, lr=3e-5)))
+
+  c.sample = ml_collections.ConfigDict(dict(steps=50, num_samples=2, sample_every=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.wandb = ml_collections.ConfigDict(dict(project='TokCom-v5.2', mode='disabled'))
+  return c
+
+
+def _leaf_paths(config, prefix=''):
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaf_paths(value, path + '.')
+    else:
+      yield path
+
+
+def _resolve(config, name: str) -> str:
+  paths = list(_leaf_paths(config))
+  if name in paths:
+    return name
+  matches = [p for p in paths if p.rsplit('.', 1)[-1] == name]
+  if len(matches) == 1:
+    return matches[0]
+  if matches:
+    raise ConfigError(f'config field {name!r} is ambiguous: write one of {matches}.')
+  raise ConfigError(f'unknown config field {name!r}: see tokcom_jax/config_lib.py'
+                    ' for the fields a config has.')
+
+
+def _cast(raw: str, like, path: str):
+  try:
+    if isinstance(like, bool):
+      if raw.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(raw)
+      return raw.lower() in ('true', '1')
+    return type(like)(raw) if like is not None else raw
+  except ValueError:
+    raise ConfigError(f'{path}={raw!r}: expected a {type(like).__name__}.') from None
+
+
+def parse_arg(arg: str | None, stages=STAGES, default: str = 'vae'
+              ) -> tuple[str, dict[str, str]]:
+  """'vae,batch_size=16' → ('vae', {'batch_size': '16'})."""
+  parts = [p.strip() for p in (arg or default).split(',') if p.strip()]
+  stage, modifiers = default, {}
+  for part in parts:
+    if '=' in part:
+      key, value = part.split('=', 1)
+      modifiers[key.strip()] = value.strip()
+    elif part in stages:
+      stage = part
+    else:
+      raise ConfigError(f'unknown config argument {part!r}: use one of {list(stages)}'
+                        ', optionally followed by ,field=value modifiers.')
+  return stage, modifiers
+
+
+def apply_modifiers(config: ml_collections.ConfigDict, modifiers: dict[str, str]):
+  for name, raw in modifiers.items():
+    path = _resolve(config, name)
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = _cast(raw, node[leaf], path)
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError, one line, for fields that cannot work together."""
+  if config.max_length % config.chunk_size:
+    raise ConfigError(f'max_length {config.max_length} is not divisible by chunk_size'
+                      f' {config.chunk_size}: make it a multiple.')
+  for name in ('vae', 'dit'):
+    m = config[name]
+    if m.hidden_size % m.num_heads:
+      raise ConfigError(f'{name}.hidden_size {m.hidden_size} is not divisible by'
+                        f' {name}.num_heads {m.num_heads}.')
+    if m.num_heads % m.num_kv_heads:
+      raise ConfigError(f'{name}.num_heads {m.num_heads} is not divisible by'
+                        f' {name}.num_kv_heads {m.num_kv_heads}.')
+    if (m.hidden_size // m.num_heads) % 2:
+      raise ConfigError(f'{name} head size {m.hidden_size // m.num_heads} is odd:'
+                        ' rotary embeddings need an even head size.')
+  if config.compute_dtype not in ('float32', 'bfloat16'):
+    raise ConfigError(f"compute_dtype {config.compute_dtype!r}: use 'float32' or"
+                      " 'bfloat16'.")
+  if config.stage not in STAGES + ('all',):
+    raise ConfigError(f'stage {config.stage!r}: use one of {list(STAGES)}.')
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict, arg: str | None,
+             stages=STAGES) -> ml_collections.ConfigDict:
+  """The common end of every get_config: stage and modifiers from `arg`, checked."""
+  stage, modifiers = parse_arg(arg, stages)
+  config.stage = stage
+  apply_modifiers(config, modifiers)
+  validate(config)
+  config.lock()
+  return config

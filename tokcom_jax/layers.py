@@ -1,0 +1,233 @@
+"""Transformer building blocks shared by the chunk VAE and the latent flow model.
+
+Shapes are written as suffixes: B batch, T sequence, D model width, N query heads,
+K key/value heads, H head size, F MLP width, C conditioning width.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`,
+`kv_heads`, `head_dim`, `latent`, `modulation`, `freq`); `tokcom_jax.sharding` maps
+them onto mesh axes. Eager sharding is off: placement is decided once, by the caller
+that jits the initialisation with explicit output shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+# Qwen2 initialises every matrix from N(0, 0.02²).
+default_init = nnx.initializers.normal(stddev=0.02)
+zeros_init = nnx.initializers.zeros_init()
+ones_init = nnx.initializers.ones_init()
+
+
+def partitioned(init, *names: str | None):
+  """An initializer whose parameter carries the logical axis `names`."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape of one Qwen2-style transformer stack."""
+
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  rope_theta: float = 1_000_000.0
+  rms_eps: float = 1e-6
+  causal: bool = False
+  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always fp32
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f'hidden_size {self.hidden_size} is not divisible by num_heads'
+          f' {self.num_heads}: choose sizes with hidden_size % num_heads == 0.')
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f'num_heads {self.num_heads} is not divisible by num_kv_heads'
+          f' {self.num_kv_heads}: grouped-query attention needs whole groups.')
+    if (self.hidden_size // self.num_heads) % 2:
+      raise ValueError(
+          f'head size {self.hidden_size // self.num_heads} is odd: rotary'
+          ' embeddings need an even head size.')
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def rms_norm(features: int, cfg: TransformerConfig, *, use_scale: bool = True,
+             rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(
+      features, epsilon=cfg.rms_eps, dtype=cfg.dtype, use_scale=use_scale,
+      scale_init=partitioned(ones_init, 'embed'), rngs=rngs)
+
+
+def dense(in_features: int, out_features: int, names: tuple[str, str], *,
+          dtype, use_bias: bool = False, kernel_init=default_init,
+          rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype,
+      kernel_init=partitioned(kernel_init, *names),
+      bias_init=partitioned(zeros_init, names[1]), rngs=rngs)
+
+
+def apply_rope(x_BTNH: Array, positions_T: Array, theta: float) -> Array:
+  """Rotary position embedding, rotate-half convention (as in Qwen2/Llama)."""
+  half = x_BTNH.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_TH = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  sin, cos = jnp.sin(angle_TH)[:, None, :], jnp.cos(angle_TH)[:, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE and Qwen2's q/k/v biases."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def proj(heads, heads_name):
+      return nnx.Einsum(
+          'BTD,DNH->BTNH', (D, heads, H), (heads, H), dtype=cfg.dtype,
+          kernel_init=partitioned(default_init, 'embed', heads_name, 'head_dim'),
+          bias_init=partitioned(zeros_init, heads_name, 'head_dim'), rngs=rngs)
+
+    self.query = proj(N, 'heads')
+    self.key = proj(K, 'kv_heads')
+    self.value = proj(K, 'kv_heads')
+    self.out = nnx.Einsum(
+        'BTNH,NHD->BTD', (N, H, D), dtype=cfg.dtype,
+        kernel_init=partitioned(default_init, 'heads', 'head_dim', 'embed'),
+        rngs=rngs)
+
+  def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
+    theta = self.cfg.rope_theta
+    q_BTNH = apply_rope(self.query(x_BTD), positions_T, theta)
+    k_BTKH = apply_rope(self.key(x_BTD), positions_T, theta)
+    v_BTKH = self.value(x_BTD)
+    # cuDNN flash attention on GPU, XLA elsewhere; grouped heads are native.
+    o_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, is_causal=self.cfg.causal)
+    return self.out(o_BTNH)
+
+
+class SwiGLU(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    self.gate = dense(D, F, ('embed', 'mlp'), dtype=cfg.dtype, rngs=rngs)
+    self.up = dense(D, F, ('embed', 'mlp'), dtype=cfg.dtype, rngs=rngs)
+    self.down = dense(F, D, ('mlp', 'embed'), dtype=cfg.dtype, rngs=rngs)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+
+
+class Block(nnx.Module):
+  """Qwen2 pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = rms_norm(cfg.hidden_size, cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = rms_norm(cfg.hidden_size, cfg, rngs=rngs)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Transformer(nnx.Module):
+  """A stack of `Block`s followed by a final RMSNorm (a Qwen2 body without embeddings)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = rms_norm(cfg.hidden_size, cfg, rngs=rngs)
+
+  def __call__(self, x_BTD: Array) -> Array:
+    positions_T = jnp.arange(x_BTD.shape[1])
+    for block in self.blocks:
+      x_BTD = block(x_BTD, positions_T)
+    return self.final_norm(x_BTD)
+
+
+def modulate(x_BTD: Array, shift_BD: Array, scale_BD: Array) -> Array:
+  return x_BTD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+class AdaLNZeroBlock(nnx.Module):
+  """DiT block: the condition sets shift/scale/gate of attention and MLP.
+
+  One zero-initialised projection of the condition gives all six vectors, so every
+  gate starts at 0 and the block starts as the identity map of its input.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.attn_norm = rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
+    self.modulation = dense(D, 6 * D, ('embed', 'modulation'), dtype=cfg.dtype,
+                            use_bias=True, kernel_init=zeros_init, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, cond_BD: Array, positions_T: Array) -> Array:
+    (attn_shift, attn_scale, attn_gate,
+     mlp_shift, mlp_scale, mlp_gate) = jnp.split(
+         self.modulation(jax.nn.silu(cond_BD)), 6, axis=-1)
+    h_BTD = modulate(self.attn_norm(x_BTD), attn_shift, attn_scale)
+    x_BTD = x_BTD + attn_gate[:, None, :] * self.attn(h_BTD, positions_T)
+    h_BTD = modulate(self.mlp_norm(x_BTD), mlp_shift, mlp_scale)
+    return x_BTD + mlp_gate[:, None, :] * self.mlp(h_BTD)
+
+
+class AdaLNFinalLayer(nnx.Module):
+  """Norm, condition-dependent shift/scale, projection: all zero at init."""
+
+  def __init__(self, cfg: TransformerConfig, out_features: int, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.norm = rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.modulation = dense(D, 2 * D, ('embed', 'modulation'), dtype=cfg.dtype,
+                            use_bias=True, kernel_init=zeros_init, rngs=rngs)
+    self.proj = dense(D, out_features, ('embed', 'latent'), dtype=cfg.dtype,
+                      use_bias=True, kernel_init=zeros_init, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, cond_BD: Array) -> Array:
+    shift_BD, scale_BD = jnp.split(self.modulation(jax.nn.silu(cond_BD)), 2, axis=-1)
+    return self.proj(modulate(self.norm(x_BTD), shift_BD, scale_BD))
+
+
+def sinusoidal_embedding(t_B: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """DiT's frequency embedding of a scalar per example: [cos(t·f), sin(t·f)]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BF = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+  """t ∈ [0, 1] → sinusoidal features of 1000·t → Linear → SiLU → Linear."""
+
+  def __init__(self, hidden_size: int, *, freq_dim: int = 256,
+               time_scale: float = 1000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.freq_dim = freq_dim
+    self.time_scale = time_scale
+    self.fc1 = dense(freq_dim, hidden_size, ('freq', 'embed'), dtype=dtype,
+                     use_bias=True, rngs=rngs)
+    self.fc2 = dense(hidden_size, hidden_size, ('embed', 'embed_out'), dtype=dtype,
+                     use_bias=True, rngs=rngs)
+
+  def __call__(self, t_B: Array) -> Array:
+    features_BF = sinusoidal_embedding(self.time_scale * t_B, self.freq_dim)
+    return self.fc2(jax.nn.silu(self.fc1(features_BF)))

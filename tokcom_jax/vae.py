@@ -1,0 +1,176 @@
+"""ChunkVAE: every K tokens become one continuous latent, and back.
+
+Encoder: the K tokens of a chunk pass through a transformer on their own; the chunk's
+last position is projected to the posterior mean and log-variance.
+Decoder: the latent, projected to the model width, is followed by K learned "omni"
+placeholder embeddings; a transformer reads the K+1 positions and the K omni positions
+give the K tokens' logits in parallel.
+
+B batch, L tokens, K chunk size, N = L/K chunks, D model width, Z latent size, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tokcom_jax import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  vocab_size: int
+  chunk_size: int
+  latent_dim: int
+  hidden_size: int
+  encoder_layers: int
+  decoder_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  rope_theta: float = 1_000_000.0
+  rms_eps: float = 1e-6
+  encoder_causal: bool = True
+  decoder_causal: bool = True
+  # Loss. kl_weight = 0 makes the encoder deterministic (z = mean), as in v5.2.
+  kl_weight: float = 0.0
+  kl_clamp: float = 0.0  # free bits: per-dimension KL floor
+  latent_noise: float = 0.0  # std of Gaussian noise added to z in training
+  latent_dropout: float = 0.0  # probability of zeroing a latent dimension in training
+  dtype: Any = jnp.float32
+
+  def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
+    return layers.TransformerConfig(
+        hidden_size=self.hidden_size, num_layers=num_layers,
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
+        rms_eps=self.rms_eps, causal=causal, dtype=self.dtype)
+
+  @property
+  def encoder(self) -> layers.TransformerConfig:
+    return self.stack(self.encoder_layers, self.encoder_causal)
+
+  @property
+  def decoder(self) -> layers.TransformerConfig:
+    return self.stack(self.decoder_layers, self.decoder_causal)
+
+  @classmethod
+  def from_config(cls, config) -> 'VAEConfig':
+    """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in config.vae.items() if k in fields}
+    return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
+               dtype=jnp.dtype(config.compute_dtype), **kwargs)
+
+
+class ChunkVAE(nnx.Module):
+
+  def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, Z, V, K = cfg.hidden_size, cfg.latent_dim, cfg.vocab_size, cfg.chunk_size
+    self.embed = nnx.Embed(
+        V, D, dtype=cfg.dtype,
+        embedding_init=layers.partitioned(layers.default_init, 'vocab', 'embed'),
+        rngs=rngs)
+    self.encoder = layers.Transformer(cfg.encoder, rngs=rngs)
+    self.to_mean = layers.dense(D, Z, ('embed', 'latent'), dtype=cfg.dtype,
+                                use_bias=True, rngs=rngs)
+    self.to_logvar = layers.dense(D, Z, ('embed', 'latent'), dtype=cfg.dtype,
+                                  use_bias=True, rngs=rngs)
+    self.from_latent = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
+                                    use_bias=True, rngs=rngs)
+    self.omni_KD = nnx.Param(
+        layers.partitioned(layers.default_init, None, 'embed')(
+            rngs.params(), (K, D), jnp.float32))
+    self.decoder = layers.Transformer(cfg.decoder, rngs=rngs)
+    self.lm_head = layers.dense(D, V, ('embed', 'vocab'), dtype=cfg.dtype, rngs=rngs)
+
+  def encode(self, tokens_BL: Array) -> tuple[Array, Array]:
+    """Token ids [B, L] → posterior (mean, logvar), each [B, N, Z] in fp32."""
+    B, L = tokens_BL.shape
+    K = self.cfg.chunk_size
+    if L % K:
+      raise ValueError(f'sequence length {L} is not a multiple of chunk_size {K}.')
+    N = L // K
+    x_MKD = self.embed(tokens_BL.reshape(B * N, K))  # M = B·N chunks
+    last_MD = self.encoder(x_MKD)[:, -1]
+    mean_BNZ = self.to_mean(last_MD).astype(jnp.float32).reshape(B, N, -1)
+    logvar_BNZ = self.to_logvar(last_MD).astype(jnp.float32).reshape(B, N, -1)
+    return mean_BNZ, logvar_BNZ
+
+  def decode(self, z_BNZ: Array) -> Array:
+    """Latents [B, N, Z] → logits [B, N·K, V] in fp32, all K tokens of a chunk at once."""
+    B, N, _ = z_BNZ.shape
+    K, D = self.cfg.chunk_size, self.cfg.hidden_size
+    latent_M1D = self.from_latent(z_BNZ.reshape(B * N, 1, -1))
+    omni_MKD = jnp.broadcast_to(self.omni_KD.value.astype(latent_M1D.dtype),
+                                (B * N, K, D))
+    h_MTD = self.decoder(jnp.concatenate([latent_M1D, omni_MKD], axis=1))
+    logits_MKV = self.lm_head(h_MTD[:, 1:])
+    return logits_MKV.astype(jnp.float32).reshape(B, N * K, -1)
+
+
+def reconstruction_metrics(logits_BLV: Array, tokens_BL: Array, mask_BL: Array,
+                         chunk_size: int) -> dict[str, Array]:
+  """Masked token cross-entropy, token accuracy and chunk exact-match.
+
+  A chunk counts for exact-match when it holds at least one real token; it matches
+  when all its real tokens are predicted right.
+  """
+  mask_BL = mask_BL.astype(jnp.float32)
+  num_tokens = jnp.maximum(mask_BL.sum(), 1.0)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL)
+  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == tokens_BL).astype(jnp.float32)
+  B, L = tokens_BL.shape
+  wrong_BNK = ((1.0 - correct_BL) * mask_BL).reshape(B, L // chunk_size, chunk_size)
+  real_chunk_BN = mask_BL.reshape(B, L // chunk_size, chunk_size).max(axis=-1)
+  chunk_right_BN = (wrong_BNK.sum(axis=-1) == 0).astype(jnp.float32) * real_chunk_BN
+  return {
+      'ce': (ce_BL * mask_BL).sum() / num_tokens,
+      'token_accuracy': (correct_BL * mask_BL).sum() / num_tokens,
+      'chunk_exact_match': chunk_right_BN.sum() / jnp.maximum(real_chunk_BN.sum(), 1.0),
+  }
+
+
+def kl_to_standard_normal(mean_BNZ: Array, logvar_BNZ: Array, kl_clamp: float) -> Array:
+  """Σ_z max(KL_z, kl_clamp), KL_z averaged over batch and chunks ("free bits")."""
+  kl_BNZ = 0.5 * (jnp.square(mean_BNZ) + jnp.exp(logvar_BNZ) - 1.0 - logvar_BNZ)
+  kl_Z = kl_BNZ.reshape(-1, kl_BNZ.shape[-1]).mean(axis=0)
+  return jnp.maximum(kl_Z, kl_clamp).sum()
+
+
+def perturb_latents(z_BNZ: Array, rng: Array, cfg: VAEConfig) -> Array:
+  """Training-time robustness: Gaussian noise and per-dimension dropout on z."""
+  noise_rng, drop_rng = jax.random.split(rng)
+  if cfg.latent_noise > 0:
+    z_BNZ = z_BNZ + cfg.latent_noise * jax.random.normal(noise_rng, z_BNZ.shape)
+  if cfg.latent_dropout > 0:
+    keep = jax.random.bernoulli(drop_rng, 1.0 - cfg.latent_dropout, z_BNZ.shape)
+    z_BNZ = jnp.where(keep, z_BNZ / (1.0 - cfg.latent_dropout), 0.0)
+  return z_BNZ
+
+
+def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None,
+            ) -> tuple[Array, dict[str, Array]]:
+  """Stage-1 loss: CE + kl_weight · KL. `rng=None` means evaluation (no sampling)."""
+  cfg = model.cfg
+  mean_BNZ, logvar_BNZ = model.encode(tokens_BL)
+  z_BNZ = mean_BNZ
+  if rng is not None:
+    sample_rng, perturb_rng = jax.random.split(rng)
+    if cfg.kl_weight > 0:
+      eps_BNZ = jax.random.normal(sample_rng, mean_BNZ.shape)
+      z_BNZ = mean_BNZ + jnp.exp(0.5 * logvar_BNZ) * eps_BNZ
+    z_BNZ = perturb_latents(z_BNZ, perturb_rng, cfg)
+  metrics = reconstruction_metrics(model.decode(z_BNZ), tokens_BL, mask_BL,
+                                   cfg.chunk_size)
+  metrics['kl'] = kl_to_standard_normal(mean_BNZ, logvar_BNZ, cfg.kl_clamp)
+  metrics['loss'] = metrics['ce'] + cfg.kl_weight * metrics['kl']
+  return metrics['loss'], metrics
