@@ -6,6 +6,7 @@ model predicts x1 directly; the velocity at (x_t, t) is (x1_pred - x_t)/(1 - t).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -15,6 +16,20 @@ from tokcom_jax import vae as vae_lib
 
 Array = jax.Array
 PredictX1 = Callable[[Array, Array], Array]  # (x_t [B,N,Z], t [B]) -> x1_pred [B,N,Z]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+  noise_std: float = 0.05
+  t_schedule: str = 'uniform'  # or 'logit_normal'
+  t_mean: float = 0.0
+  t_std: float = 1.0
+  ce_weight: float = 1.0
+  mse_weight: float = 1.0
+
+  @classmethod
+  def from_config(cls, config) -> 'FlowConfig':
+    return cls(**config.flow.to_dict())
 
 
 def _per_example(t_B: Array, like: Array) -> Array:
@@ -56,6 +71,26 @@ def loss_fn(x1_pred_BNZ: Array, x1_BNZ: Array, tokens_BL: Array, mask_BL: Array,
   return metrics['loss'], metrics
 
 
+def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: Array,
+                      cfg: FlowConfig, t_B: Array | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
+  """The whole stage-2 objective for one batch of token windows.
+
+  The frozen VAE gives x1 = its posterior mean; noise and t come from `rng` (or `t_B`
+  for evaluation at fixed times); `model` predicts x1 from x_t; the loss decodes the
+  prediction with the frozen decoder.
+  """
+  mean_BNZ, _ = vae_model.encode(tokens_BL)
+  x1_BNZ = jax.lax.stop_gradient(mean_BNZ)
+  noise_rng, t_rng = jax.random.split(rng)
+  x0_BNZ = sample_noise(noise_rng, x1_BNZ.shape, cfg.noise_std)
+  if t_B is None:
+    t_B = sample_t(t_rng, x1_BNZ.shape[0], cfg.t_schedule, cfg.t_mean, cfg.t_std)
+  x1_pred_BNZ = model(interpolate(x0_BNZ, x1_BNZ, t_B), t_B)
+  return loss_fn(x1_pred_BNZ, x1_BNZ, tokens_BL, mask_BL, vae_model.decode,
+                 ce_weight=cfg.ce_weight, mse_weight=cfg.mse_weight)
+
+
 def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
                  known_mask_BN: Array | None = None,
                  known_BNZ: Array | None = None) -> Array:
@@ -80,8 +115,8 @@ def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
     return jnp.where(held, on_path, x_BNZ)
 
   def step(i, x_BNZ):
-    t = i.astype(jnp.float32) / steps
-    t_next = (i + 1).astype(jnp.float32) / steps
+    t = jnp.asarray(i, jnp.float32) / steps
+    t_next = jnp.asarray(i + 1, jnp.float32) / steps
     x1_pred_BNZ = predict_x1(x_BNZ, jnp.full((B,), t))
     r = (t_next - t) / (1.0 - t)
     return hold((1.0 - r) * x_BNZ + r * x1_pred_BNZ, t_next)

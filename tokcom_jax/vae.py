@@ -110,7 +110,7 @@ class ChunkVAE(nnx.Module):
     B, N, _ = z_BNZ.shape
     K, D = self.cfg.chunk_size, self.cfg.hidden_size
     latent_M1D = self.from_latent(z_BNZ.reshape(B * N, 1, -1))
-    omni_MKD = jnp.broadcast_to(self.omni_KD.value.astype(latent_M1D.dtype),
+    omni_MKD = jnp.broadcast_to(self.omni_KD[...].astype(latent_M1D.dtype),
                                 (B * N, K, D))
     h_MTD = self.decoder(jnp.concatenate([latent_M1D, omni_MKD], axis=1))
     logits_MKV = self.lm_head(h_MTD[:, 1:])

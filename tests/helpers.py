@@ -1,0 +1,43 @@
+"""Small shared pieces for the tests: tiny model configs and a jitted fitting loop."""
+
+import jax
+import optax
+from flax import nnx
+
+from tokcom_jax import dit, vae
+
+
+def tiny_vae_config(**kw) -> vae.VAEConfig:
+  base = dict(vocab_size=256, chunk_size=4, latent_dim=16, hidden_size=64,
+              encoder_layers=1, decoder_layers=1, num_heads=4, num_kv_heads=2,
+              intermediate_size=128)
+  base.update(kw)
+  return vae.VAEConfig(**base)
+
+
+def tiny_dit_config(**kw) -> dit.DiTConfig:
+  base = dict(latent_dim=16, hidden_size=64, num_layers=2, num_heads=4,
+              num_kv_heads=2, intermediate_size=128, time_freq_dim=32)
+  base.update(kw)
+  return dit.DiTConfig(**base)
+
+
+def fit(model, loss_of_model, steps: int, lr: float):
+  """Adam on `model`'s parameters for `steps` steps; returns (model, losses)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = optax.adam(lr)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def loss(p):
+      return loss_of_model(nnx.merge(graphdef, p, rest))[0]
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  losses = []
+  for _ in range(steps):
+    params, opt_state, value = step(params, opt_state)
+    losses.append(float(value))
+  return nnx.merge(graphdef, params, rest), losses

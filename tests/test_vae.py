@@ -1,0 +1,112 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configs import v52
+from tests import helpers
+from tokcom_jax import vae
+
+
+def qwen2_stack_params(layers, D, heads, kv_heads, F):
+  """Qwen2 per-layer arithmetic: q/k/v with bias, o without, SwiGLU, two RMSNorms;
+  plus the stack's final RMSNorm. H = D / heads."""
+  H = D // heads
+  attention = (D * heads * H + heads * H) + 2 * (D * kv_heads * H + kv_heads * H) \
+      + heads * H * D
+  return layers * (attention + 3 * D * F + 2 * D) + D
+
+
+def param_count(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def test_encode_decode_shapes():
+  cfg = helpers.tiny_vae_config()
+  model = vae.ChunkVAE(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (3, 32), 0, 256)
+  mean, logvar = model.encode(tokens)
+  chex.assert_shape([mean, logvar], (3, 8, 16))
+  chex.assert_type([mean, logvar], jnp.float32)
+  chex.assert_shape(model.decode(mean), (3, 32, 256))
+  loss, metrics = vae.loss_fn(model, tokens, jnp.ones_like(tokens), jax.random.key(1))
+  chex.assert_shape([loss] + list(metrics.values()), ())
+
+
+def test_chunks_are_encoded_independently():
+  # Changing a token of chunk 1 moves only latent 1, and decoding is per-latent too.
+  model = vae.ChunkVAE(helpers.tiny_vae_config(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 256)
+  other = tokens.at[0, 5].set((tokens[0, 5] + 1) % 256)
+  delta = jnp.abs(model.encode(tokens)[0] - model.encode(other)[0]).max(axis=-1)[0]
+  assert float(delta[1]) > 0 and float(delta[jnp.array([0, 2, 3])].max()) == 0.0
+  z = model.encode(tokens)[0]
+  moved = jnp.abs(model.decode(z) - model.decode(z.at[0, 2].add(1.0))).max(axis=-1)[0]
+  assert float(moved[8:12].min()) > 0 and float(moved[:8].max()) == 0.0
+
+
+def test_v52_stack_parameter_counts_match_qwen2_arithmetic():
+  config = v52.get_config('vae')
+  cfg = vae.VAEConfig.from_config(config)
+  abstract = nnx.eval_shape(lambda: vae.ChunkVAE(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  D, heads, kv, F = 896, 14, 2, 4864
+  assert param_count(params['encoder']) == qwen2_stack_params(12, D, heads, kv, F)
+  assert param_count(params['decoder']) == qwen2_stack_params(12, D, heads, kv, F)
+  # 14,912,384 per layer; the published Qwen2-0.5B total (24 layers + tied 151936-row
+  # embedding) is 494,032,768 parameters.
+  assert qwen2_stack_params(1, D, heads, kv, F) - D == 14_912_384
+  assert qwen2_stack_params(24, D, heads, kv, F) + 151_936 * D == 494_032_768
+  V, Z = 32016, 896
+  heads_and_embeddings = V * D + 2 * (D * Z + Z) + (Z * D + D) + 4 * D + D * V
+  assert param_count(params) == 2 * qwen2_stack_params(12, D, heads, kv, F) \
+      + heads_and_embeddings
+
+
+def test_metrics_on_known_logits():
+  # 2 chunks of 2 tokens: chunk 0 all right; chunk 1 one wrong; one padded token.
+  tokens = jnp.array([[1, 2, 3, 0]])
+  predicted = jnp.array([[1, 2, 1, 0]])
+  logits = jax.nn.one_hot(predicted, 4) * 10.0
+  mask = jnp.array([[1, 1, 1, 0]])
+  m = vae.reconstruction_metrics(logits, tokens, mask, chunk_size=2)
+  np.testing.assert_allclose(m['token_accuracy'], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(m['chunk_exact_match'], 1 / 2, rtol=1e-6)
+  ce_right = -jax.nn.log_softmax(jnp.array([10.0, 0, 0, 0]))[0]
+  ce_wrong = -jax.nn.log_softmax(jnp.array([0, 10.0, 0, 0]))[3]
+  np.testing.assert_allclose(m['ce'], (2 * ce_right + ce_wrong) / 3, rtol=1e-5)
+
+
+def test_kl_with_free_bits():
+  mean = jnp.array([[[1.0, 0.0]]])
+  logvar = jnp.zeros((1, 1, 2))
+  # KL per dim: [0.5, 0]; with a floor of 0.1 the second counts as 0.1.
+  np.testing.assert_allclose(vae.kl_to_standard_normal(mean, logvar, 0.0), 0.5)
+  np.testing.assert_allclose(vae.kl_to_standard_normal(mean, logvar, 0.1), 0.6)
+
+
+def test_latent_perturbations_only_in_training():
+  cfg = helpers.tiny_vae_config(latent_noise=0.5, latent_dropout=0.5)
+  z = jnp.ones((2, 4, 16))
+  perturbed = vae.perturb_latents(z, jax.random.key(0), cfg)
+  dropped = float(jnp.mean(perturbed == 0.0))
+  assert 0.3 < dropped < 0.7
+  model = vae.ChunkVAE(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  mask = jnp.ones_like(tokens)
+  eval_a = vae.loss_fn(model, tokens, mask, None)[0]
+  eval_b = vae.loss_fn(model, tokens, mask, None)[0]
+  train = vae.loss_fn(model, tokens, mask, jax.random.key(3))[0]
+  assert float(eval_a) == float(eval_b) and float(train) != float(eval_a)
+
+
+def test_vae_fits_one_batch():
+  model = vae.ChunkVAE(helpers.tiny_vae_config(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
+  mask = jnp.ones_like(tokens)
+  model, losses = helpers.fit(
+      model, lambda m: vae.loss_fn(m, tokens, mask, None), steps=200, lr=3e-3)
+  assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+  metrics = vae.loss_fn(model, tokens, mask, None)[1]
+  assert float(metrics['token_accuracy']) == 1.0
