@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from tokcom_jax import data
+
+
+def test_train_order_is_a_pure_function_of_seed_and_step():
+  a = [data.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
+  b = [data.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
+  np.testing.assert_array_equal(np.stack(a), np.stack(b))
+  other = data.train_indices(0, seed=4, num_windows=50, global_batch=8)
+  assert not np.array_equal(a[0], other)
+  # One epoch (6 steps of 8 out of 50 windows) never repeats a window, and the next
+  # epoch is a different permutation.
+  epoch0 = np.concatenate(a[:6])
+  assert len(set(epoch0.tolist())) == 48
+  assert not np.array_equal(np.concatenate(a[6:12]), epoch0)
+
+
+def test_process_slices_tile_the_global_batch():
+  # However many processes split it, their rows put together are the global batch.
+  idx = data.train_indices(5, seed=0, num_windows=100, global_batch=8)
+  for processes in (1, 2, 4):
+    per = 8 // processes
+    parts = [idx[p * per:(p + 1) * per] for p in range(processes)]
+    np.testing.assert_array_equal(np.concatenate(parts), idx)
+
+
+def test_windows_and_eval_indices():
+  w = data.Windows(np.arange(23, dtype=np.uint16), 5)
+  assert w.num_windows == 4
+  np.testing.assert_array_equal(w.get(np.array([2, 0])), [[10, 11, 12, 13, 14],
+                                                          [0, 1, 2, 3, 4]])
+  assert w.get(np.array([1])).dtype == np.int32
+  np.testing.assert_array_equal(data.eval_indices(1, 4, 3), [3, 0, 1])
+
+
+def test_bpe_round_trips_text():
+  texts = ['def f(x):\n    return x + 1\n', 'class A:\n    pass\n', 'ünïcödé ✓'] * 50
+  tok = data.train_bpe(texts, vocab_size=300)
+  for text in ('def g(y):\n    return y * 2\n', 'ünïcödé ✓ and more 123'):
+    ids = tok(text, add_special_tokens=False)['input_ids']
+    assert tok.decode(ids) == text
+  assert tok.eos_token == data.EOS and tok.eos_token_id is not None
+
+
+def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
+  source = f'files:{corpus}/*.txt'
+  tok = data.train_bpe(data.iter_documents(source, 'train'), vocab_size=300)
+  stream = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+  assert stream.size > 0 and int(np.sum(stream == tok.eos_token_id)) == 5
+  monkeypatch.setattr(data, 'iter_documents',
+                      lambda *a, **k: pytest.fail('the cache was not reused'))
+  again = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+  assert isinstance(again, np.memmap)
+  np.testing.assert_array_equal(again, stream)
+  assert not list((tmp_path / 'cache').glob('*.tmp'))
+
+
+def test_validation_split_is_stable_and_never_empty(tmp_path):
+  names = [f'f{i}.py' for i in range(500)]
+  chosen = data.validation_names(names)
+  assert 3 <= len(chosen) <= 20 and chosen == data.validation_names(list(reversed(names)))
+  assert len(data.validation_names(['a.py', 'b.py'])) == 1
+
+
+def test_files_source_skips_non_utf8_files_by_name(tmp_path, caplog):
+  (tmp_path / 'good.txt').write_text('hello')
+  (tmp_path / 'bad.txt').write_bytes(b'\xff\xfe\x00bad')
+  docs = list(data.iter_documents(f'files:{tmp_path}/*.txt', 'train')) + list(
+      data.iter_documents(f'files:{tmp_path}/*.txt', 'validation'))
+  assert docs == ['hello']
+  assert 'bad.txt' in caplog.text
+
+
+@pytest.mark.parametrize('source, message', [
+    ('files:/nonexistent/*.txt', 'matches no files'),
+    ('s3:bucket', 'unknown data source'),
+])
+def test_bad_sources(source, message):
+  with pytest.raises(data.DataError, match=message):
+    list(data.iter_documents(source, 'train'))
+
+
+def test_stdlib_source_finds_the_standard_library():
+  files = data.stdlib_files()
+  assert len(files) > 100
+  assert any(f.name == 'json' or f.parent.name == 'json' for f in files)
+
+
+def test_offline_hub_tokenizer_names_the_alternative(monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  with pytest.raises(data.DataError, match='configs/tiny.py') as e:
+    data.load_tokenizer('meta-llama/CodeLlama-7b-hf')
+  assert '\n' not in str(e.value)

@@ -1,0 +1,118 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import train_fixtures
+from tokcom_jax import checkpoint, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('corpus')
+  return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
+
+
+def losses(workdir, key='train/loss'):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+@pytest.fixture(scope='module')
+def vae_run(corpus, tmp_path_factory):
+  """An uninterrupted 8-step VAE run, shared by the tests below."""
+  workdir = str(tmp_path_factory.mktemp('runs') / 'vae')
+  config = train_fixtures.micro_config(*corpus)
+  train_lib.Trainer(config, workdir).run()
+  return workdir
+
+
+def test_vae_run_writes_metrics_config_tokenizer_and_checkpoints(vae_run):
+  l = losses(vae_run)
+  assert sorted(l) == list(range(1, 9)) and l[8] < l[1]
+  evals = losses(vae_run, 'eval/loss')
+  assert sorted(evals) == [4, 8]
+  assert json.load(open(os.path.join(vae_run, 'config.json')))['stage'] == 'vae'
+  assert os.path.exists(os.path.join(vae_run, 'tokenizer', 'tokenizer.json'))
+  mngr = checkpoint.manager(vae_run, read_only=True)
+  assert mngr.all_steps() == [4, 8]
+  assert checkpoint.best_step(mngr) == min(evals, key=evals.get)
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(corpus, vae_run,
+                                                                 tmp_path):
+  config = train_fixtures.micro_config(*corpus)
+  workdir = str(tmp_path / 'vae')
+  train_lib.Trainer(config, workdir).run(stop_after=3)
+  assert sorted(losses(workdir)) == [1, 2, 3]
+  train_lib.Trainer(config, workdir).run()  # a new process would do just this
+  assert losses(workdir) == losses(vae_run)  # bit-identical floats
+  assert losses(workdir, 'eval/loss') == losses(vae_run, 'eval/loss')
+
+
+def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_path):
+  config = train_fixtures.micro_config(*corpus, stage='diffusion',
+                                       vae_workdir=vae_run)
+  trainer = train_lib.Trainer(config, str(tmp_path / 'diffusion'))
+  before = jax.tree.map(np.asarray, trainer.frozen[0])
+  trainer.run()
+  on_disk, _, _ = checkpoint.restore_params(
+      vae_run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding),
+                            trainer.frozen[0]))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray,
+                                                                   trainer.frozen[0]))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, on_disk))
+  l = losses(tmp_path / 'diffusion')
+  assert sorted(l) == list(range(1, 9))
+  ev = losses(tmp_path / 'diffusion', 'eval/ce_t0.5')
+  assert sorted(ev) == [4, 8]
+
+
+def test_stage2_without_a_vae_names_the_missing_workdir(corpus, tmp_path):
+  config = train_fixtures.micro_config(*corpus, stage='diffusion',
+                                       vae_workdir=str(tmp_path / 'nowhere'))
+  with pytest.raises(train_lib.TrainingError, match='nowhere'):
+    train_lib.Trainer(config, str(tmp_path / 'diffusion'))
+
+
+def test_nan_guard_names_the_step(corpus, vae_run, tmp_path):
+  config = train_fixtures.micro_config(*corpus)
+  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  kernel = trainer.state['params']['lm_head']['kernel']
+  trainer.state['params']['lm_head']['kernel'] = jnp.full_like(kernel, jnp.nan)
+  with pytest.raises(train_lib.TrainingError, match='at step 1:'):
+    trainer.run()
+  assert checkpoint.manager(tmp_path / 'vae', read_only=True).all_steps() == []
+
+
+def test_corpus_smaller_than_a_batch_is_a_clear_error(corpus, tmp_path):
+  config = train_fixtures.micro_config(*corpus, batch_size=1_000_000)
+  with pytest.raises(train_lib.data.DataError, match='fewer than one batch'):
+    train_lib.Trainer(config, str(tmp_path / 'vae'))
+
+
+def test_one_and_four_devices_give_the_same_losses(corpus, vae_run, tmp_path):
+  """The same run on a 2x2 (data x fsdp) mesh of 4 CPU devices, in a fresh JAX."""
+  script = f'''
+import sys; sys.path.insert(0, {REPO!r})
+from tests import train_fixtures
+from tokcom_jax import train_lib
+import jax; assert jax.device_count() == 4
+config = train_fixtures.micro_config({corpus[0]!r}, {corpus[1]!r},
+                                     **{{'mesh.data': 2, 'mesh.fsdp': 2}})
+train_lib.Trainer(config, {str(tmp_path / 'vae4')!r}).run()
+'''
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, '-c', script], check=True, env=env, cwd=REPO)
+  one, four = losses(vae_run), losses(tmp_path / 'vae4')
+  assert sorted(four) == sorted(one)
+  np.testing.assert_allclose([four[s] for s in sorted(four)],
+                             [one[s] for s in sorted(one)], rtol=1e-5)

@@ -1,0 +1,36 @@
+"""A micro config and corpus for end-to-end training tests (seconds on a CPU)."""
+
+import pathlib
+import sysconfig
+
+from configs import tiny
+from tokcom_jax import config_lib
+
+
+def make_corpus(root: pathlib.Path, files: int = 40) -> str:
+  """A `files:` source of real Python code: a slice of the standard library."""
+  root.mkdir(parents=True, exist_ok=True)
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  for i, path in enumerate(sorted(stdlib.glob('*.py'))[:files]):
+    (root / f'{i:03d}_{path.name}.txt').write_text(path.read_text(encoding='utf-8'))
+  return f'files:{root}/*.txt'
+
+
+def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
+  mods = dict(
+      tokenizer='bpe:384', vocab_size=384, max_length=32, batch_size=8,
+      **{'vae.hidden_size': 32, 'vae.encoder_layers': 1, 'vae.decoder_layers': 1,
+         'vae.num_heads': 2, 'vae.num_kv_heads': 1, 'vae.intermediate_size': 64,
+         'vae.latent_dim': 8, 'dit.hidden_size': 32, 'dit.num_layers': 1,
+         'dit.num_heads': 2, 'dit.num_kv_heads': 1, 'dit.intermediate_size': 64,
+         'dit.time_freq_dim': 32, 'train.vae.num_steps': 8,
+         'train.diffusion.num_steps': 8, 'log_every': 1, 'eval_every': 4,
+         'eval_batches': 2, 'warmup_steps': 2})
+  mods.update(modifiers)
+  arg = ','.join([stage] + [f'{k}={v}' for k, v in mods.items()])
+  config = tiny.get_config(arg)
+  config.unlock()
+  config.data.source = source
+  config.data.cache_dir = cache_dir
+  config.lock()
+  return config_lib.validate(config)

@@ -1,0 +1,112 @@
+"""One mesh for every run, logical axis rules, and multi-host start-up.
+
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism
+whose parameters and optimizer state are sharded too). The batch is split over both;
+parameters are split over `fsdp` along their `embed` axis. A single CPU is a 1×1 mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp')
+
+# Logical parameter axis → mesh axis. FSDP shards the width (`embed`) of every
+# matrix; everything else is replicated. A `tensor` axis would map heads/mlp here.
+LOGICAL_RULES = (
+    ('embed', 'fsdp'),
+    ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None),
+    ('head_dim', None), ('latent', None), ('modulation', None), ('freq', None),
+    ('embed_out', None),
+)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts JAX's multi-process runtime when there is more than one process.
+
+  On a TPU VM pod every argument is discovered, so none is needed; elsewhere pass
+  the coordinator's host:port, the number of processes and this process's id.
+  """
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _on_tpu_pod():
+    jax.distributed.initialize()
+
+
+def _on_tpu_pod() -> bool:
+  return bool(os.environ.get('TPU_WORKER_HOSTNAMES', '').count(','))
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over all devices; -1 on one axis means "the rest"."""
+  n = jax.device_count()
+  if data == -1 and fsdp == -1:
+    raise ValueError('mesh: at most one of data and fsdp may be -1.')
+  if data == -1:
+    data = n // fsdp
+  if fsdp == -1:
+    fsdp = n // data
+  if data * fsdp != n:
+    raise ValueError(f'mesh {data}x{fsdp} (data x fsdp) does not use the {n} devices'
+                     f' there are: set config.mesh.data and config.mesh.fsdp so that'
+                     f' their product is {n}.')
+  return jax.make_mesh((data, fsdp), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  """Drops a mesh axis from any dimension it does not divide (that dim replicates)."""
+  out = []
+  for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axis,) if isinstance(axis, str) else (axis or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    out.append(axis if size > 1 and dim % size == 0 else None)
+  return P(*out)
+
+
+def param_shardings(abstract_state, mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a tree of nnx Variables with logical axis metadata."""
+  with nnx.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+      specs, abstract_state,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def process_rows(global_batch: int, mesh) -> slice:
+  """The rows of a global batch whose data lives on this process's devices."""
+  sharding = batch_sharding(mesh)
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_batch if idx[0].stop is None else idx[0].stop
+           for idx in index_map.values()]
+  return slice(min(starts), max(stops))
+
+
+def global_batch(local: np.ndarray, mesh, global_batch_size: int) -> jax.Array:
+  """This process's rows → one global array sharded over the batch axes."""
+  return jax.make_array_from_process_local_data(
+      batch_sharding(mesh), local, (global_batch_size,) + local.shape[1:])
+
+
+def log_mesh(mesh) -> None:
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
+               jax.device_count(), jax.process_count())
