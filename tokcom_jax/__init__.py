@@ -1,0 +1,12 @@
+"""tokcom_jax: a chunk VAE and a latent flow-matching transformer for text, in JAX."""
+
+import os
+
+# transformers is used for tokenizers only; its "PyTorch was not found" notice is noise.
+os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+
+
+def load(workdir: str):
+  """Loads a trained run: see `tokcom_jax.sampling.TokCom`."""
+  from tokcom_jax import sampling
+  return sampling.load(workdir)

@@ -38,9 +38,10 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
       pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
                keep_checkpoints_without_metrics=False),
   ])
+  # Readers never save; orbax's own read_only mode would warn on every open.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, cleanup_tmp_directories=not read_only,
-      enable_async_checkpointing=True, create=not read_only, read_only=read_only)
+      enable_async_checkpointing=True, create=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=('state', 'meta'))
 

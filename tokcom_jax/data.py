@@ -13,13 +13,16 @@ tokenizer) as a flat `.npy` that is memory-mapped, and cut into windows of
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import hashlib
 import logging
 import os
 import pathlib
+import socket
 import sysconfig
 import tempfile
+import urllib.parse
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -28,8 +31,9 @@ from tqdm import tqdm
 EOS = '<|endoftext|>'
 PAD = '<pad>'
 VAL_PER_MILLE = 20  # documents hashed into [0, 20) of 1000 are validation (2%)
-OFFLINE_HINT = ('run offline with `--config configs/tiny.py` (stdlib corpus, BPE'
-                ' tokenizer) or `--config.tokenizer=bpe:8192 --config.data.source=stdlib`')
+OFFLINE_HINT = ('if the hub cannot be reached, run offline with'
+                ' `--config configs/tiny.py` (stdlib corpus, BPE tokenizer) or'
+                ' `--config.tokenizer=bpe:8192 --config.data.source=stdlib`.')
 
 
 class DataError(ValueError):
@@ -95,14 +99,33 @@ def iter_documents(source: str, split: str, text_column: str = 'text',
                     " 'hf:<path>[:<name>]' or 'tfds:<name>'.")
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+  """Whether the Hugging Face hub answers; when it does not, hub loads use the local
+  cache only, instead of retrying for a minute before failing."""
+  if os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', ''):
+    return False
+  endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+  host = urllib.parse.urlparse(endpoint).hostname or 'huggingface.co'
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
 def _hf_documents(source: str, split: str, text_column: str) -> Iterator[str]:
+  if not hub_reachable():
+    os.environ['HF_HUB_OFFLINE'] = os.environ['HF_DATASETS_OFFLINE'] = '1'
   import datasets  # heavy; only when used
+  if not hub_reachable():  # in case datasets was imported before the lines above
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
   path, _, name = source[len('hf:'):].partition(':')
   try:
     ds = datasets.load_dataset(path, name or None, split=split)
   except Exception as e:  # the hub raises many types; all mean "cannot load"
-    raise DataError(f'cannot load dataset {path!r} ({type(e).__name__}); to'
-                    f' {OFFLINE_HINT}.') from e
+    raise DataError(f'cannot load dataset {path!r} ({type(e).__name__}):'
+                    f' {OFFLINE_HINT}') from e
   if text_column not in ds.column_names:
     raise DataError(f'dataset {path!r} has no column {text_column!r} (it has'
                     f' {ds.column_names}): set --config.data.text_column.')
@@ -163,10 +186,11 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
     tokenizer = train_bpe(train_texts(), vocab_size)
   else:
     try:
-      tokenizer = AutoTokenizer.from_pretrained(spec)
+      local = os.path.isdir(spec) or not hub_reachable()
+      tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
     except Exception as e:
-      raise DataError(f'cannot load tokenizer {spec!r} ({type(e).__name__}); to'
-                      f' {OFFLINE_HINT}.') from e
+      raise DataError(f'cannot load tokenizer {spec!r} ({type(e).__name__}):'
+                      f' {OFFLINE_HINT}') from e
   if tokenizer.eos_token_id is None:
     raise DataError(f'tokenizer {spec!r} has no EOS token to join documents with.')
   if tokenizer.pad_token_id is None:

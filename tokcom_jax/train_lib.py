@@ -235,6 +235,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return Trainer(config, workdir).run()
 
 
+def _absolute(path) -> str:
+  path = str(path)
+  return path if '://' in path else os.path.abspath(path)
+
+
 def _with(config, **fields):
   config = ml_collections.ConfigDict(config.to_dict())
   config.update(fields)
@@ -297,7 +302,9 @@ class Trainer:
     self.rows = sharding.process_rows(self.batch_size, self.mesh)
     self.ckpt = checkpoint.manager(self.workdir, keep=tc.keep_checkpoints)
     self.meta = {'stage': self.stage, 'config': config.to_dict(),
-                 'tokenizer_dir': str(self._tokenizer_dir())}
+                 'tokenizer_dir': _absolute(self._tokenizer_dir()),
+                 'vae_workdir': _absolute(config.vae_workdir if self.stage ==
+                                          'diffusion' else self.workdir)}
 
   # ----- set-up pieces
 

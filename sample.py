@@ -1,0 +1,115 @@
+"""Uses a trained TokCom: generate from noise, reconstruct, encode or decode text.
+
+  python sample.py --steps 50                                 # latest diffusion run
+  python sample.py --prompt "def main():" --num_samples 4
+  python sample.py --mode reconstruct --input_text "Some text"
+  python sample.py --mode encode --input_file a.py --output_file z.npy
+  python sample.py --mode decode --input_file z.npy
+"""
+
+import glob
+import json
+import os
+import sys
+
+from absl import flags
+
+from tokcom_jax import cli
+
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Run to load (default: the most recently trained diffusion run'
+    ' under runs/).')
+_MODE = flags.DEFINE_enum('mode', 'generate',
+                          ['generate', 'reconstruct', 'encode', 'decode'], 'What to do.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Euler steps from noise to latents.')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 2, 'Texts to generate.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Samples per batch'
+                                   ' (default: all at once).')
+_NUM_CHUNKS = flags.DEFINE_integer('num_chunks', None, 'Latents per sample'
+                                   ' (default: as trained, max_length / chunk_size).')
+_PROMPT = flags.DEFINE_string('prompt', None, 'Text the samples start with.')
+_INPUT_TEXT = flags.DEFINE_string('input_text', None, 'Text for reconstruct/encode.')
+_INPUT_FILE = flags.DEFINE_string('input_file', None, 'Text file (reconstruct,'
+                                  ' encode) or .npy latents (decode).')
+_OUTPUT_FILE = flags.DEFINE_string('output_file', None, 'encode: .npy latents;'
+                                   ' generate: JSONL; others: text.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Token sampling temperature'
+                                  ' (0: argmax).')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass.')
+
+SEPARATOR = '\n' + '─' * 60 + '\n'
+
+
+def latest_diffusion_run(root: str = 'runs') -> str:
+  runs = [os.path.dirname(d) for d in glob.glob(os.path.join(root, '**', 'checkpoints'),
+                                                recursive=True)
+          if os.path.exists(os.path.join(os.path.dirname(d), 'config.json'))
+          and json.load(open(os.path.join(os.path.dirname(d), 'config.json'))
+                        ).get('stage') == 'diffusion']
+  if not runs:
+    from tokcom_jax.checkpoint import CheckpointError
+    raise CheckpointError(f'no trained diffusion run under {root}/: train one'
+                          ' (python train.py --config configs/tiny.py:all) or pass'
+                          ' --workdir.')
+  return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, 'checkpoints')))
+
+
+def read_input() -> str:
+  if _INPUT_FILE.value:
+    with open(_INPUT_FILE.value, encoding='utf-8') as f:
+      return f.read()
+  if _INPUT_TEXT.value is None:
+    from tokcom_jax.sampling import SamplingError
+    raise SamplingError(f'--mode {_MODE.value} needs --input_text or --input_file.')
+  return _INPUT_TEXT.value
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  import tokcom_jax
+  from tokcom_jax.sampling import SamplingError
+  workdir = _WORKDIR.value or latest_diffusion_run()
+  print(f'workdir: {workdir}', flush=True)
+  if _STEPS.value < 1:
+    raise SamplingError(f'--steps must be a positive number, got {_STEPS.value}.')
+  model = tokcom_jax.load(workdir)
+  sampling = dict(seed=_SEED.value, temperature=_TEMPERATURE.value,
+                  top_k=_TOP_K.value, top_p=_TOP_P.value)
+  out = _OUTPUT_FILE.value
+  if _MODE.value == 'generate':
+    texts = model.generate(_NUM_SAMPLES.value, _NUM_CHUNKS.value, _STEPS.value,
+                           prompt=_PROMPT.value, batch_size=_BATCH_SIZE.value,
+                           **sampling)
+    print(SEPARATOR.join(texts))
+    if out:
+      with open(out, 'w') as f:
+        f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
+                     for i, t in enumerate(texts))
+  elif _MODE.value == 'reconstruct':
+    text = model.reconstruct(read_input(), **sampling)
+    print(text)
+    if out:
+      open(out, 'w').write(text)
+  elif _MODE.value == 'encode':
+    z = model.encode(read_input())
+    print(f'latents {z.shape} {z.dtype}')
+    if out:
+      np.save(out, z)
+  else:
+    if not (_INPUT_FILE.value or '').endswith('.npy'):
+      raise SamplingError('--mode decode needs --input_file latents.npy.')
+    try:
+      z = np.load(_INPUT_FILE.value, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise SamplingError(f'cannot read latents from {_INPUT_FILE.value}: {e}') from e
+    text = model.decode(z, **sampling)
+    print(text)
+    if out:
+      open(out, 'w').write(text)
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,138 @@
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tokcom_jax
+from tests import train_fixtures
+from tokcom_jax import sampling, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """A micro VAE trained until it reconstructs, and a short stage-2 run on it."""
+  root = tmp_path_factory.mktemp('sampling')
+  (root / 'text').mkdir()
+  lines = ['import os\nimport sys\n\n\ndef main():\n    return 0\n',
+           'class Point:\n    x = 1\n    y = 2\n']
+  for i in range(8):  # small and repetitive: a micro VAE learns it in seconds
+    (root / 'text' / f'{i}.txt').write_text((lines[i % 2] + f'# {i}\n') * 60)
+  source = f'files:{root}/text/*.txt'
+  cache = str(root / 'cache')
+  vae_dir, dit_dir = str(root / 'vae'), str(root / 'diffusion')
+  train_lib.Trainer(train_fixtures.micro_config(
+      source, cache, **{'train.vae.num_steps': 800, 'train.vae.lr': 3e-3,
+                        'log_every': 200, 'eval_every': 800, 'vae.hidden_size': 64,
+                        'vae.latent_dim': 16, 'dit.hidden_size': 32}), vae_dir).run()
+  train_lib.Trainer(train_fixtures.micro_config(
+      source, cache, stage='diffusion', vae_workdir=vae_dir,
+      **{'vae.hidden_size': 64, 'vae.latent_dim': 16}), dit_dir).run()
+  return vae_dir, dit_dir
+
+
+def test_encode_decode_round_trip_through_the_trained_vae(runs):
+  model = tokcom_jax.load(runs[0])
+  text = 'class Point:\n    x = 1\n    y = 2\n# 1\nclass Point:\n    x = 1\n'
+  z = model.encode(text)
+  ids = model.tokenizer(text, add_special_tokens=False)['input_ids']
+  assert z.shape == (-(-len(ids) // 4), 16) and z.dtype == np.float32
+  rebuilt = model.reconstruct(text)
+  # decode() returns every token of the last chunk; reconstruct() cuts at the input's.
+  assert model.decode(z).startswith(rebuilt)
+  back = model.tokenizer(rebuilt, add_special_tokens=False)['input_ids']
+  agree = np.mean([a == b for a, b in zip(back, ids)])
+  assert agree >= 0.6, (agree, rebuilt)  # chance is ~1/384
+
+
+def test_generation_is_deterministic_and_keeps_the_prompt(runs):
+  model = tokcom_jax.load(runs[1])
+  a = model.generate(2, steps=5, seed=1)
+  assert a == model.generate(2, steps=5, seed=1) and len(a) == 2
+  hot = lambda seed: model.generate(2, steps=5, seed=seed, temperature=1.0)
+  assert hot(1) == hot(1) and hot(1) != hot(2)
+  prompt = 'import os\nimport'
+  for text in model.generate(2, steps=5, prompt=prompt):
+    assert text.startswith(prompt)
+
+
+def test_prompt_chunks_come_back_exactly(runs):
+  model = tokcom_jax.load(runs[1])
+  prompt = 'import os\nimport sys\n'
+  ids = model.tokenizer(prompt, add_special_tokens=False)['input_ids']
+  held = len(ids) // 4
+  known = model.encode(prompt)[:held]
+  N = model.max_chunks
+  mask = np.zeros((1, N), bool)
+  mask[:, :held] = True
+  full = np.zeros((1, N, 16), np.float32)
+  full[0, :held] = known
+  z = model._sample_latents(model.dit_params, jnp.zeros((1, N, 16)), 7,
+                            jnp.asarray(mask), jnp.asarray(full))
+  np.testing.assert_array_equal(np.asarray(z)[0, :held], known)
+
+
+def test_repeated_calls_do_not_recompile(runs):
+  model = tokcom_jax.load(runs[1])
+  model.generate(2, steps=3)
+  before = model._sample_latents._cache_size()
+  model.generate(2, steps=9, seed=4)
+  assert model._sample_latents._cache_size() == before
+
+
+def test_token_choice():
+  logits = jnp.log(jnp.array([[[0.5, 0.3, 0.15, 0.05]]]))
+  key = jax.random.key(0)
+  assert int(sampling.choose_tokens(logits, key)[0, 0]) == 0
+  draws = jax.vmap(lambda k: sampling.choose_tokens(logits, k, 1.0, top_k=2))(
+      jax.random.split(key, 2000))
+  assert set(np.unique(draws).tolist()) == {0, 1}
+  draws = jax.vmap(lambda k: sampling.choose_tokens(logits, k, 1.0, top_p=0.7))(
+      jax.random.split(key, 2000))
+  assert set(np.unique(draws).tolist()) == {0, 1}  # 0.5 < 0.7 ≤ 0.8
+
+
+def test_api_errors(runs):
+  vae_only = tokcom_jax.load(runs[0])
+  with pytest.raises(sampling.SamplingError, match='stage-1'):
+    vae_only.generate(1)
+  model = tokcom_jax.load(runs[1])
+  with pytest.raises(sampling.SamplingError, match='empty'):
+    model.encode('   ')
+  with pytest.raises(sampling.SamplingError, match='num_chunks'):
+    model.generate(1, num_chunks=model.max_chunks + 1)
+  with pytest.raises(sampling.SamplingError, match='steps'):
+    model.generate(1, steps=0)
+  with pytest.raises(sampling.SamplingError, match='shorten'):
+    model.generate(1, prompt='x = 1\n' * 200)
+  with pytest.raises(sampling.SamplingError, match=r'\[N, 16\]'):
+    model.decode(np.zeros((3, 5), np.float32))
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, os.path.join(REPO, 'sample.py'), *args],
+                        capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def test_cli_generates_and_fails_in_one_line(runs, tmp_path):
+  ok = run_cli(f'--workdir={runs[1]}', '--steps=3', '--num_samples=2',
+               f'--output_file={tmp_path / "g.jsonl"}')
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.startswith(f'workdir: {runs[1]}') and '─' * 60 in ok.stdout
+  assert len(open(tmp_path / 'g.jsonl').readlines()) == 2
+  for args, message in [
+      ([f'--workdir={tmp_path / "none"}'], 'has no checkpoints'),
+      ([f'--workdir={runs[0]}'], 'stage-1'),
+      ([f'--workdir={runs[1]}', '--steps=0'], 'positive'),
+      ([f'--workdir={runs[1]}', '--mode=encode'], 'needs --input_text'),
+  ]:
+    bad = run_cli(*args)
+    assert bad.returncode == 2, (args, bad.stderr)
+    assert bad.stderr.strip().splitlines()[-1].startswith('error: ')
+    assert message in bad.stderr and 'Traceback' not in bad.stderr

@@ -1,0 +1,200 @@
+"""Load a trained run and use it: generate, reconstruct, encode, decode.
+
+    import tokcom_jax
+    model = tokcom_jax.load('runs/tiny/diffusion')
+    print(model.generate(2, steps=50)[0])
+    z = model.encode('def f(x):\n    return x\n')      # [N, Z] numpy latents
+    print(model.decode(z))
+
+Compiled functions are cached per (batch size, number of chunks, sampling options);
+the number of Euler steps is a traced value, so changing it does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tokcom_jax import checkpoint, data, flow, sharding, train_lib
+
+Array = jax.Array
+
+
+class SamplingError(ValueError):
+  """A request that cannot be served; the message says what to do."""
+
+
+def choose_tokens(logits_BLV: Array, key: Array, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Argmax when temperature is 0; else sampling from the filtered distribution."""
+  if temperature <= 0:
+    return jnp.argmax(logits_BLV, axis=-1)
+  logits_BLV = logits_BLV / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BLV, top_k)[0][..., -1:]
+    logits_BLV = jnp.where(logits_BLV < kth, -jnp.inf, logits_BLV)
+  if top_p < 1.0:
+    sorted_BLV = jnp.sort(logits_BLV, axis=-1)[..., ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_BLV, axis=-1), axis=-1)
+    # The smallest logit still inside the nucleus (the top token always is).
+    cutoff = jnp.take_along_axis(
+        sorted_BLV, jnp.sum(cum < top_p, axis=-1, keepdims=True), axis=-1)
+    logits_BLV = jnp.where(logits_BLV < cutoff, -jnp.inf, logits_BLV)
+  return jax.random.categorical(key, logits_BLV, axis=-1)
+
+
+class TokCom:
+  """A trained TokCom: the VAE always, the flow model when stage 2 was trained."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer, vae_params,
+               dit_params=None, workdir: str = ''):
+    self.config, self.tokenizer, self.workdir = config, tokenizer, workdir
+    self.vae_graphdef = nnx.graphdef(
+        nnx.eval_shape(lambda: train_lib.build_model(config, 'vae')))
+    self.vae_params, self.dit_params = vae_params, dit_params
+    if dit_params is not None:
+      self.dit_graphdef = nnx.graphdef(
+          nnx.eval_shape(lambda: train_lib.build_model(config, 'diffusion')))
+    self.chunk_size = config.chunk_size
+    self.max_chunks = config.max_length // config.chunk_size
+    self.latent_dim = config.vae.latent_dim
+    # Partial chunks are filled with EOS: training windows hold EOS between
+    # documents but never a pad token, so EOS is what the encoder knows.
+    self.fill_id = tokenizer.eos_token_id
+
+  # ----- jitted pieces (cached per static argument and input shape)
+
+  @functools.cached_property
+  def _encode(self):
+    return jax.jit(lambda p, tokens: nnx.merge(self.vae_graphdef, p).encode(tokens)[0])
+
+  @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+  def _decode(self, params, z_BNZ, key, temperature, top_k, top_p):
+    logits = nnx.merge(self.vae_graphdef, params).decode(z_BNZ)
+    return choose_tokens(logits, key, temperature, top_k, top_p)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
+    model = nnx.merge(self.dit_graphdef, dit_params)
+    return flow.euler_sample(model, x0_BNZ, steps, known_mask_BN=known_mask_BN,
+                             known_BNZ=known_BNZ)
+
+  # ----- text ↔ tokens
+
+  def _tokens(self, text: str) -> np.ndarray:
+    if not text or not text.strip():
+      raise SamplingError('the input text is empty: pass some text.')
+    ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
+    if not ids:
+      raise SamplingError('the input text tokenizes to nothing: pass other text.')
+    return np.asarray(ids, np.int32)
+
+  def _text(self, ids) -> str:
+    return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+  # ----- public API
+
+  def encode(self, text: str) -> np.ndarray:
+    """Text → latents [N, Z], N = ceil(tokens / chunk_size), window by window."""
+    ids = self._tokens(text)
+    K, W = self.chunk_size, self.config.max_length
+    padded = np.full((-(-len(ids) // W)) * W, self.fill_id, np.int32)
+    padded[:len(ids)] = ids
+    z = self._encode(self.vae_params, jnp.asarray(padded.reshape(-1, W)))
+    return np.asarray(z).reshape(-1, self.latent_dim)[:-(-len(ids) // K)]
+
+  def decode(self, latents, *, seed: int = 0, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0) -> str:
+    """Latents [N, Z] → text (all chunks decoded in parallel)."""
+    z = np.asarray(latents)
+    if z.ndim != 2 or z.shape[-1] != self.latent_dim or not np.issubdtype(
+        z.dtype, np.floating):
+      raise SamplingError(f'latents must be a float array [N, {self.latent_dim}];'
+                          f' got {z.dtype} {list(z.shape)}.')
+    tokens = self._decode(self.vae_params, jnp.asarray(z, jnp.float32)[None],
+                          jax.random.key(seed), temperature, top_k, top_p)
+    return self._text(tokens[0])
+
+  def reconstruct(self, text: str, **sampling) -> str:
+    ids = self._tokens(text)
+    z = self.encode(text)
+    tokens = self._decode(self.vae_params, jnp.asarray(z)[None],
+                          jax.random.key(sampling.pop('seed', 0)),
+                          sampling.get('temperature', 0.0), sampling.get('top_k', 0),
+                          sampling.get('top_p', 1.0))
+    return self._text(np.asarray(tokens[0])[:len(ids)])
+
+  def generate(self, num_samples: int = 1, num_chunks: int | None = None,
+               steps: int = 50, seed: int = 0, prompt: str | None = None,
+               batch_size: int | None = None, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0) -> list[str]:
+    """Samples texts from noise; with `prompt`, its chunks are held fixed."""
+    if self.dit_params is None:
+      raise SamplingError(f'{self.workdir} is a stage-1 (VAE) run: generation needs'
+                          ' a stage-2 run (train.py --config …:diffusion).')
+    N = num_chunks or self.max_chunks
+    if not 0 < N <= self.max_chunks:
+      raise SamplingError(f'num_chunks {N} must be between 1 and {self.max_chunks},'
+                          ' the number the model was trained on.')
+    if steps < 1:
+      raise SamplingError(f'steps must be a positive number, got {steps}.')
+    K, Z = self.chunk_size, self.latent_dim
+    known_mask = np.zeros((N,), bool)
+    known = np.zeros((N, Z), np.float32)
+    prompt_ids = np.zeros((0,), np.int32)
+    if prompt:
+      prompt_ids = self._tokens(prompt)
+      held = len(prompt_ids) // K
+      if -(-len(prompt_ids) // K) >= N:
+        raise SamplingError(f'the prompt is {len(prompt_ids)} tokens, which leaves'
+                            f' nothing of {N} chunks of {K} to generate: shorten it.')
+      known[:held] = self.encode(prompt)[:held]
+      known_mask[:held] = True
+    batch_size = batch_size or num_samples
+    texts = []
+    for first in range(0, num_samples, batch_size):
+      B = min(batch_size, num_samples - first)
+      key = jax.random.fold_in(jax.random.key(seed), first)
+      x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std)
+      z = self._sample_latents(self.dit_params, x0, steps,
+                               jnp.broadcast_to(known_mask, (B, N)),
+                               jnp.broadcast_to(known, (B, N, Z)))
+      tokens = np.asarray(self._decode(self.vae_params, z, jax.random.fold_in(key, 1),
+                                       temperature, top_k, top_p))
+      for row in tokens:
+        texts.append(prompt + self._text(row[len(prompt_ids):]) if prompt
+                     else self._text(row))
+    return texts
+
+
+def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(meta['config'])
+  config.lock()
+  return config
+
+
+def load(workdir: str) -> TokCom:
+  """Loads what train.py wrote in `workdir` (a stage-2 run, or a stage-1 VAE run)."""
+  _, meta = checkpoint.read_meta(workdir)
+  config = _config_from_meta(meta)
+  tokenizer_dir = meta['tokenizer_dir']
+  if not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer_config.json')):
+    raise checkpoint.CheckpointError(f'the tokenizer of {workdir} is missing from'
+                                     f' {tokenizer_dir}.')
+  tokenizer = data.load_tokenizer(config.tokenizer, tokenizer_dir)
+  mesh = sharding.make_mesh(-1, 1)
+  vae_dir = meta.get('vae_workdir') or (
+      workdir if meta['stage'] == 'vae' else config.vae_workdir)
+  vae_params, _, _ = checkpoint.restore_params(
+      vae_dir, train_lib.abstract_params(config, 'vae', mesh)[1])
+  dit_params = None
+  if meta['stage'] == 'diffusion':
+    dit_params, _, _ = checkpoint.restore_params(
+        workdir, train_lib.abstract_params(config, 'diffusion', mesh)[1])
+  return TokCom(config, tokenizer, vae_params, dit_params, workdir=str(workdir))
