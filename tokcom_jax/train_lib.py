@@ -84,10 +84,14 @@ def init_state(config, stage: str, mesh, optimizer):
     return nnx.to_pure_dict(nnx.state(build_model(config, stage, config.seed)))
 
   params = jax.jit(init, out_shardings=shardings)()
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
-           'opt_state': jax.jit(optimizer.init)(params)}
-  state['step'] = jax.device_put(state['step'], sharding.replicated(mesh))
-  return graphdef, state
+  # Moments follow their parameters' shardings; new scalars (step counts) land on
+  # one device, so everything not spread over the mesh is replicated on it.
+  replicated = sharding.replicated(mesh)
+  opt_state = jax.tree.map(
+      lambda x: x if x.sharding.device_set == replicated.device_set
+      else jax.device_put(x, replicated), jax.jit(optimizer.init)(params))
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
 
 
 # ---------------------------------------------------------------------------- steps
