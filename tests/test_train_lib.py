@@ -29,7 +29,7 @@ def losses(workdir, key='train/loss'):
 def vae_run(corpus, tmp_path_factory):
   """An uninterrupted 8-step VAE run, shared by the tests below."""
   workdir = str(tmp_path_factory.mktemp('runs') / 'vae')
-  config = train_fixtures.micro_config(*corpus)
+  config = train_fixtures.micro_config(*corpus, sample_every=1)
   train_lib.Trainer(config, workdir).run()
   return workdir
 
@@ -46,6 +46,24 @@ def test_vae_run_writes_metrics_config_tokenizer_and_checkpoints(vae_run):
   assert checkpoint.best_step(mngr) == min(evals, key=evals.get)
 
 
+def test_vae_samples_are_reconstructions_of_validation_windows(corpus, vae_run):
+  from tokcom_jax import sampling
+  rows = [json.loads(l) for l in open(os.path.join(vae_run, 'samples.jsonl'))]
+  assert [r['step'] for r in rows] == [8, 8]  # the last step: less than an epoch
+  config = train_fixtures.micro_config(*corpus)
+  windows = train_lib.Trainer(config, vae_run).val_windows.get(np.arange(2))
+  model = sampling.load(vae_run)  # the saved checkpoint, through the sampling API
+  assert [r['input'] for r in rows] == [model.tokenizer.decode(w) for w in windows]
+  out = np.asarray(model._decode(
+      model.vae_params, model._encode(model.vae_params, jnp.asarray(windows)),
+      jax.random.key(0), 0.0, 0, 1.0))
+  accuracy = np.mean(out == windows, axis=1)
+  assert 0.0 < accuracy.min() and accuracy.max() < 1.0  # 8 steps: partly learnt
+  assert [r['token_accuracy'] for r in rows] == pytest.approx(list(accuracy))
+  assert [r['reconstruction'] for r in rows] == [model.tokenizer.decode(o)
+                                                 for o in out]
+
+
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(corpus, vae_run,
                                                                  tmp_path):
   config = train_fixtures.micro_config(*corpus)
@@ -59,7 +77,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(corpus, vae_run
 
 def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_path):
   config = train_fixtures.micro_config(*corpus, stage='diffusion',
-                                       vae_workdir=vae_run)
+                                       vae_workdir=vae_run, sample_every=1)
   trainer = train_lib.Trainer(config, str(tmp_path / 'diffusion'))
   before = jax.tree.map(np.asarray, trainer.frozen[0])
   trainer.run()
@@ -74,6 +92,9 @@ def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_pat
   assert sorted(l) == list(range(1, 9))
   ev = losses(tmp_path / 'diffusion', 'eval/ce_t0.5')
   assert sorted(ev) == [4, 8]
+  samples = [json.loads(l) for l in open(tmp_path / 'diffusion' / 'samples.jsonl')]
+  assert [s['step'] for s in samples] == [8, 8]
+  assert samples[0]['generation'] != samples[1]['generation']  # different noise
 
 
 def test_stage2_without_a_vae_names_the_missing_workdir(corpus, tmp_path):
@@ -116,3 +137,30 @@ train_lib.Trainer(config, {str(tmp_path / 'vae4')!r}).run()
   assert sorted(four) == sorted(one)
   np.testing.assert_allclose([four[s] for s in sorted(four)],
                              [one[s] for s in sorted(one)], rtol=1e-5)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0(corpus, tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / 'vae'
+  script = f'''
+import sys; sys.path.insert(0, {REPO!r})
+from tests import train_fixtures
+from tokcom_jax import train_lib
+config = train_fixtures.micro_config({corpus[0]!r}, {corpus[1]!r},
+                                     **{{'train.vae.num_steps': 100_000}})
+train_lib.Trainer(config, {str(workdir)!r}).run()
+'''
+  proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  logged = max(losses(workdir))
+  assert 3 <= logged < 100_000
+  # The step after the signal is finished and saved; nothing after it ran.
+  assert checkpoint.manager(workdir, read_only=True).latest_step() == logged

@@ -159,6 +159,28 @@ def make_eval_step(config, stage: str, graphdef, mesh, vae_graphdef=None) -> Cal
   return jax.jit(evaluate, out_shardings=sharding.replicated(mesh))
 
 
+def make_sample_step(config, stage: str, graphdef, mesh, vae_graphdef=None) -> Callable:
+  """jit(sample)(params, tokens, key, *frozen) → argmax tokens [B, L], replicated.
+
+  Stage 1 reconstructs `tokens` through the latent mean; stage 2 ignores their
+  values and generates as many sequences with the Euler sampler.
+  """
+  if stage == 'vae':
+    def sample(params, tokens_BL, key):
+      del key
+      model = nnx.merge(graphdef, params)
+      return jnp.argmax(model.decode(model.encode(tokens_BL)[0]), axis=-1)
+  else:
+    B_N_Z = lambda tokens: (tokens.shape[0], tokens.shape[1] // config.chunk_size,
+                            config.vae.latent_dim)
+
+    def sample(params, tokens_BL, key, vae_params):
+      x0 = flow.sample_noise(key, B_N_Z(tokens_BL), config.flow.noise_std)
+      z = flow.euler_sample(nnx.merge(graphdef, params), x0, config.sample.steps)
+      return jnp.argmax(nnx.merge(vae_graphdef, vae_params).decode(z), axis=-1)
+  return jax.jit(sample, out_shardings=sharding.replicated(mesh))
+
+
 # ------------------------------------------------------------------------- logging
 
 
@@ -171,10 +193,9 @@ class MetricsLog:
     self.wandb = None
     if not self.enabled:
       return
-    if self.path.exists():  # drop lines a killed run wrote after its last checkpoint
-      lines = [l for l in self.path.read_text().splitlines()
-               if l and json.loads(l)['step'] <= resume_step]
-      self.path.write_text(''.join(l + '\n' for l in lines))
+    # Drop lines a killed run wrote after its last checkpoint.
+    for path in (self.path, workdir / 'samples.jsonl'):
+      truncate_jsonl(path, resume_step)
     mode = os.environ.get('WANDB_MODE', config.wandb.mode)
     if mode != 'disabled':
       import wandb  # lazily: only process 0 of runs that log to it
@@ -198,6 +219,22 @@ class MetricsLog:
   def close(self):
     if self.wandb is not None:
       self.wandb.finish()
+
+
+def truncate_jsonl(path: epath.Path, last_step: int) -> None:
+  """Keeps the rows of a JSON-lines file up to `last_step` (a torn last line goes)."""
+  if not path.exists():
+    return
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)['step'] <= last_step:
+        rows.append(line)
+    except (json.JSONDecodeError, KeyError, TypeError):
+      pass
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(''.join(l + '\n' for l in rows))
+  tmp.rename(path)
 
 
 def _wandb_logged_in() -> bool:
@@ -302,6 +339,8 @@ class Trainer:
                                       self.mesh, self.frozen_shardings)
     self.eval_step = make_eval_step(config, self.stage, self.graphdef, self.mesh,
                                     vae_graphdef)
+    self.sample_step = make_sample_step(config, self.stage, self.graphdef, self.mesh,
+                                        vae_graphdef)
     self.key = jax.random.key(config.seed)
     self.rows = sharding.process_rows(self.batch_size, self.mesh)
     self.ckpt = checkpoint.manager(self.workdir, keep=tc.keep_checkpoints)
@@ -412,7 +451,8 @@ class Trainer:
     for step in range(start, self.total_steps):
       if preemption.should_stop() or step == stop_after:
         self._flush(bar)
-        self._save(step, force=True)
+        if self.ckpt.latest_step() != step:  # an eval may just have saved it
+          self._save(step, force=True)
         logging.warning('stopped: saved step %d in %s', step, self.workdir)
         break
       idx = data.train_indices(step, self.config.seed,
@@ -431,6 +471,8 @@ class Trainer:
         self._save(done, {checkpoint.BEST_METRIC: self._evaluate_and_log(done, bar)})
       elif is_ckpt:
         self._save(done)
+      if self._is_sample_step(done):
+        self._log_samples(done)
     bar.close()
     self.ckpt.wait_until_finished()
     self.log.close()
@@ -468,6 +510,43 @@ class Trainer:
     bar.write(f'{self.stage} step {done}: ' + ', '.join(
         f'{k}={v:.4f}' for k, v in ev.items() if not k[-1].isdigit()))
     return ev['eval/loss']
+
+  def _is_sample_step(self, done: int) -> bool:
+    """Every `sample.sample_every` epochs, and at the end (0 turns samples off)."""
+    every = self.config.sample.sample_every
+    if every <= 0 or self.config.sample.num_samples <= 0:
+      return False
+    return (done == self.total_steps
+            or done % (every * self.steps_per_epoch) == 0)
+
+  def _log_samples(self, done: int) -> None:
+    """Reconstructions of validation windows (stage 1) or generations (stage 2):
+    appended to <workdir>/samples.jsonl, and a wandb table when wandb is on."""
+    n = self.config.sample.num_samples
+    real = self.val_windows.get(np.arange(n) % self.val_windows.num_windows)
+    tokens = jax.make_array_from_callback(real.shape, sharding.replicated(self.mesh),
+                                          lambda index: real[index])
+    key = jax.random.fold_in(jax.random.key(self.config.seed + 2), done)
+    out = np.asarray(self.sample_step(self.state['params'], tokens, key,
+                                      *self.frozen).addressable_data(0))
+    if not self.is_main:
+      return
+    decode = lambda ids: self.tokenizer.decode(ids.tolist())
+    if self.stage == 'vae':
+      columns = ['step', 'input', 'reconstruction', 'token_accuracy']
+      rows = [[done, decode(r), decode(o), float(np.mean(r == o))]
+              for r, o in zip(real, out)]
+    else:
+      columns = ['step', 'generation']
+      rows = [[done, decode(o)] for o in out]
+    with (self.workdir / 'samples.jsonl').open('a') as f:
+      for row in rows:
+        f.write(json.dumps(dict(zip(columns, row))) + '\n')
+    if self.log.wandb is not None:
+      import wandb
+      name = 'reconstructions' if self.stage == 'vae' else 'generations'
+      self.log.wandb.log({f'{self.stage}/{name}': wandb.Table(columns=columns,
+                                                              data=rows)}, step=done)
 
   def _wandb_batch_names(self, mean) -> dict[str, float]:
     """The original TokCom's wandb names for batch losses."""
