@@ -14,28 +14,6 @@ from tokcom_jax import sampling, train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """A micro VAE trained until it reconstructs, and a short stage-2 run on it."""
-  root = tmp_path_factory.mktemp('sampling')
-  (root / 'text').mkdir()
-  lines = ['import os\nimport sys\n\n\ndef main():\n    return 0\n',
-           'class Point:\n    x = 1\n    y = 2\n']
-  for i in range(8):  # small and repetitive: a micro VAE learns it in seconds
-    (root / 'text' / f'{i}.txt').write_text((lines[i % 2] + f'# {i}\n') * 60)
-  source = f'files:{root}/text/*.txt'
-  cache = str(root / 'cache')
-  vae_dir, dit_dir = str(root / 'vae'), str(root / 'diffusion')
-  train_lib.Trainer(train_fixtures.micro_config(
-      source, cache, **{'train.vae.num_steps': 800, 'train.vae.lr': 3e-3,
-                        'log_every': 200, 'eval_every': 800, 'vae.hidden_size': 64,
-                        'vae.latent_dim': 16, 'dit.hidden_size': 32}), vae_dir).run()
-  train_lib.Trainer(train_fixtures.micro_config(
-      source, cache, stage='diffusion', vae_workdir=vae_dir,
-      **{'vae.hidden_size': 64, 'vae.latent_dim': 16}), dit_dir).run()
-  return vae_dir, dit_dir
-
-
 def test_encode_decode_round_trip_through_the_trained_vae(runs):
   model = tokcom_jax.load(runs[0])
   text = 'class Point:\n    x = 1\n    y = 2\n# 1\nclass Point:\n    x = 1\n'

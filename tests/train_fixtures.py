@@ -34,3 +34,25 @@ def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
   config.data.cache_dir = cache_dir
   config.lock()
   return config_lib.validate(config)
+
+
+def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:
+  """A micro VAE trained until it reconstructs (latent_dim 16), and a short stage-2
+  run on it, on a small repetitive corpus: about 30 s on 2 cores."""
+  from tokcom_jax import train_lib
+  (root / 'text').mkdir(parents=True)
+  lines = ['import os\nimport sys\n\n\ndef main():\n    return 0\n',
+           'class Point:\n    x = 1\n    y = 2\n']
+  for i in range(8):  # small and repetitive: a micro VAE learns it in seconds
+    (root / 'text' / f'{i}.txt').write_text((lines[i % 2] + f'# {i}\n') * 60)
+  source = f'files:{root}/text/*.txt'
+  cache = str(root / 'cache')
+  vae_dir, dit_dir = str(root / 'vae'), str(root / 'diffusion')
+  train_lib.Trainer(micro_config(
+      source, cache, **{'train.vae.num_steps': 800, 'train.vae.lr': 3e-3,
+                        'log_every': 200, 'eval_every': 800, 'vae.hidden_size': 64,
+                        'vae.latent_dim': 16, 'dit.hidden_size': 32}), vae_dir).run()
+  train_lib.Trainer(micro_config(
+      source, cache, stage='diffusion', vae_workdir=vae_dir,
+      **{'vae.hidden_size': 64, 'vae.latent_dim': 16}), dit_dir).run()
+  return vae_dir, dit_dir

@@ -53,8 +53,9 @@ class TokCom:
   """A trained TokCom: the VAE always, the flow model when stage 2 was trained."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer, vae_params,
-               dit_params=None, workdir: str = ''):
+               dit_params=None, workdir: str = '', vae_workdir: str = ''):
     self.config, self.tokenizer, self.workdir = config, tokenizer, workdir
+    self.vae_workdir = vae_workdir or workdir
     self.vae_graphdef = nnx.graphdef(
         nnx.eval_shape(lambda: train_lib.build_model(config, 'vae')))
     self.vae_params, self.dit_params = vae_params, dit_params
@@ -130,11 +131,12 @@ class TokCom:
                           sampling.get('top_p', 1.0))
     return self._text(np.asarray(tokens[0])[:len(ids)])
 
-  def generate(self, num_samples: int = 1, num_chunks: int | None = None,
-               steps: int = 50, seed: int = 0, prompt: str | None = None,
-               batch_size: int | None = None, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0) -> list[str]:
-    """Samples texts from noise; with `prompt`, its chunks are held fixed."""
+  def sample(self, num_samples: int = 1, num_chunks: int | None = None,
+             steps: int = 50, seed: int = 0, prompt: str | None = None,
+             batch_size: int | None = None, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Like `generate`, but returns arrays: latents [S, N, Z] and tokens [S, N·K]
+    (with a prompt, its whole chunks are held and the rest generated)."""
     if self.dit_params is None:
       raise SamplingError(f'{self.workdir} is a stage-1 (VAE) run: generation needs'
                           ' a stage-2 run (train.py --config …:diffusion).')
@@ -144,10 +146,11 @@ class TokCom:
                           ' the number the model was trained on.')
     if steps < 1:
       raise SamplingError(f'steps must be a positive number, got {steps}.')
+    if num_samples < 1:
+      raise SamplingError(f'num_samples must be a positive number, got {num_samples}.')
     K, Z = self.chunk_size, self.latent_dim
     known_mask = np.zeros((N,), bool)
     known = np.zeros((N, Z), np.float32)
-    prompt_ids = np.zeros((0,), np.int32)
     if prompt:
       prompt_ids = self._tokens(prompt)
       held = len(prompt_ids) // K
@@ -157,7 +160,7 @@ class TokCom:
       known[:held] = self.encode(prompt)[:held]
       known_mask[:held] = True
     batch_size = batch_size or num_samples
-    texts = []
+    latents, tokens = [], []
     for first in range(0, num_samples, batch_size):
       B = min(batch_size, num_samples - first)
       key = jax.random.fold_in(jax.random.key(seed), first)
@@ -165,12 +168,33 @@ class TokCom:
       z = self._sample_latents(self.dit_params, x0, steps,
                                jnp.broadcast_to(known_mask, (B, N)),
                                jnp.broadcast_to(known, (B, N, Z)))
-      tokens = np.asarray(self._decode(self.vae_params, z, jax.random.fold_in(key, 1),
-                                       temperature, top_k, top_p))
-      for row in tokens:
-        texts.append(prompt + self._text(row[len(prompt_ids):]) if prompt
-                     else self._text(row))
-    return texts
+      tokens.append(np.asarray(self._decode(
+          self.vae_params, z, jax.random.fold_in(key, 1), temperature, top_k, top_p)))
+      latents.append(np.asarray(z))
+    return np.concatenate(latents), np.concatenate(tokens)
+
+  def generate(self, num_samples: int = 1, num_chunks: int | None = None,
+               steps: int = 50, seed: int = 0, prompt: str | None = None,
+               batch_size: int | None = None, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0) -> list[str]:
+    """Samples texts from noise; with `prompt`, its chunks are held fixed and the
+    prompt is returned unchanged as the start of each text."""
+    _, tokens = self.sample(num_samples, num_chunks, steps, seed, prompt, batch_size,
+                            temperature, top_k, top_p)
+    if not prompt:
+      return [self._text(row) for row in tokens]
+    skip = len(self._tokens(prompt))
+    return [prompt + self._text(row[skip:]) for row in tokens]
+
+  def encode_tokens(self, tokens_BL) -> np.ndarray:
+    """Token windows [B, L] (L a multiple of chunk_size) → latent means [B, L/K, Z]."""
+    return np.asarray(self._encode(self.vae_params, jnp.asarray(tokens_BL, jnp.int32)))
+
+  def decode_tokens(self, latents_BNZ) -> np.ndarray:
+    """Latents [B, N, Z] → argmax tokens [B, N·K]."""
+    return np.asarray(self._decode(self.vae_params,
+                                   jnp.asarray(latents_BNZ, jnp.float32),
+                                   jax.random.key(0), 0.0, 0, 1.0))
 
 
 def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
@@ -197,4 +221,5 @@ def load(workdir: str) -> TokCom:
   if meta['stage'] == 'diffusion':
     dit_params, _, _ = checkpoint.restore_params(
         workdir, train_lib.abstract_params(config, 'diffusion', mesh)[1])
-  return TokCom(config, tokenizer, vae_params, dit_params, workdir=str(workdir))
+  return TokCom(config, tokenizer, vae_params, dit_params, workdir=str(workdir),
+                vae_workdir=str(vae_dir))

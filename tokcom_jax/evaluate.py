@@ -1,0 +1,307 @@
+"""Evaluates a trained run: the VAE, the flow model, and generated text.
+
+    python -m tokcom_jax.evaluate --workdir runs/tiny/diffusion [--num_samples 64 --steps 50]
+
+Prints one JSON object and writes the same to <workdir>/eval.json; plots go to
+<workdir>/plots/. All held-out numbers use the validation split the run trained
+against (its token cache is reused). A stage-1 (VAE) workdir gets the VAE metrics only.
+
+Metrics:
+  recon_token_accuracy, recon_chunk_exact_match   argmax decode of the latent means
+  recon_token_accuracy_at_noise[σ]                latents + σ·std·ε, std per dimension
+  val_ce[t], val_mse[t]                           stage-2 loss terms at fixed t
+  gen_unigram_entropy, real_unigram_entropy       bits per token, same token count
+  gen_distinct_2/3, gen_repeat_4gram_rate         diversity and repetition
+  gen_frechet_latent_distance                     generated vs real, encoder latents
+  gen_roundtrip_token_accuracy                    decode → encode → decode agreement
+  seconds_per_sample                              wall time after compilation
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import time
+from typing import Iterable, Sequence
+
+import numpy as np
+
+NOISE_LEVELS = (0.0, 0.1, 0.3, 0.5, 1.0)
+
+# ------------------------------------------------------------------- text metrics
+
+
+def unigram_entropy(sequences: Iterable[Sequence[int]]) -> float:
+  """Entropy in bits of the pooled token distribution."""
+  counts = collections.Counter(t for seq in sequences for t in seq)
+  p = np.array(list(counts.values()), np.float64)
+  p /= p.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+def _ngrams(seq: Sequence[int], n: int) -> list[tuple[int, ...]]:
+  return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(sequences: Iterable[Sequence[int]], n: int) -> float:
+  """Distinct n-grams over all n-grams, pooled over sequences (n-grams never
+  cross a sequence boundary)."""
+  grams = [g for seq in sequences for g in _ngrams(list(seq), n)]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeat_ngram_rate(sequences: Iterable[Sequence[int]], n: int = 4) -> float:
+  """The fraction of n-grams that already occurred earlier in the same sequence."""
+  repeats = total = 0
+  for seq in sequences:
+    grams = _ngrams(list(seq), n)
+    repeats += len(grams) - len(set(grams))
+    total += len(grams)
+  return repeats / total if total else 0.0
+
+
+# ----------------------------------------------------------------- Fréchet distance
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+  w, v = np.linalg.eigh((m + m.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+  """‖μ1-μ2‖² + Tr(Σ1 + Σ2 - 2(Σ1Σ2)^½) between two Gaussians.
+
+  Tr((Σ1Σ2)^½) = Tr((Σ1^½ Σ2 Σ1^½)^½), which is symmetric PSD: eigh, no complex
+  square roots.
+  """
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(
+      np.float64)
+  r1 = _sqrt_psd(s1)
+  cross = np.trace(_sqrt_psd(r1 @ s2 @ r1))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def frechet_latent_distance(x_MZ: np.ndarray, y_MZ: np.ndarray) -> float:
+  """Fréchet distance between Gaussians fitted to two sets of latent vectors."""
+  x, y = np.asarray(x_MZ, np.float64), np.asarray(y_MZ, np.float64)
+  return frechet_distance(x.mean(0), np.cov(x, rowvar=False),
+                          y.mean(0), np.cov(y, rowvar=False))
+
+
+# -------------------------------------------------------------------- model metrics
+
+
+def _batches(n: int, batch_size: int):
+  for first in range(0, n, batch_size):
+    yield slice(first, min(first + batch_size, n))
+
+
+def vae_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
+                ) -> dict:
+  """Reconstruction of held-out windows, and how it degrades with latent noise."""
+  K = model.chunk_size
+  latents = np.concatenate([model.encode_tokens(windows_BL[s])
+                            for s in _batches(len(windows_BL), batch_size)])
+  std_Z = latents.reshape(-1, latents.shape[-1]).std(0)
+  rng = np.random.default_rng(seed)
+  curve = {}
+  for sigma in NOISE_LEVELS:
+    noisy = latents + sigma * std_Z * rng.standard_normal(latents.shape).astype(
+        np.float32)
+    tokens = np.concatenate([model.decode_tokens(noisy[s])
+                             for s in _batches(len(noisy), batch_size)])
+    right = tokens == windows_BL
+    curve[str(sigma)] = float(right.mean())
+    if sigma == 0.0:
+      exact = right.reshape(len(right), -1, K).all(-1).mean()
+  return {'recon_token_accuracy': curve['0.0'],
+          'recon_chunk_exact_match': float(exact),
+          'recon_token_accuracy_at_noise': curve,
+          'latent_std_mean': float(std_Z.mean())}
+
+
+def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
+                 ) -> dict:
+  """Stage-2 CE and MSE on held-out windows at the training run's eval times."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tokcom_jax import flow, train_lib
+
+  cfg = flow.FlowConfig.from_config(model.config)
+
+  @jax.jit
+  def losses(dit_params, vae_params, tokens_BL, key, t):
+    t_B = jnp.full((tokens_BL.shape[0],), t)
+    _, m = flow.diffusion_loss_fn(
+        nnx.merge(model.dit_graphdef, dit_params),
+        nnx.merge(model.vae_graphdef, vae_params), tokens_BL,
+        jnp.ones_like(tokens_BL), key, cfg, t_B)
+    return m['ce'] * tokens_BL.shape[0], m['mse'] * tokens_BL.shape[0]
+
+  out = {'val_ce': {}, 'val_mse': {}}
+  for t in train_lib.EVAL_TIMES:
+    ce = mse = 0.0
+    for i, s in enumerate(_batches(len(windows_BL), batch_size)):
+      key = jax.random.fold_in(jax.random.key(seed), i)
+      c, m = losses(model.dit_params, model.vae_params, jnp.asarray(windows_BL[s]),
+                    key, t)
+      ce, mse = ce + float(c), mse + float(m)
+    out['val_ce'][str(t)] = ce / len(windows_BL)
+    out['val_mse'][str(t)] = mse / len(windows_BL)
+  return out
+
+
+def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,
+                       batch_size: int, seed: int = 0) -> tuple[dict, list[str]]:
+  """Statistics of `num_samples` generated windows against as many real ones."""
+  model.sample(min(batch_size, num_samples), steps=steps, seed=seed)  # compile
+  start = time.perf_counter()
+  latents, tokens = model.sample(num_samples, steps=steps, seed=seed,
+                                 batch_size=batch_size)
+  seconds = (time.perf_counter() - start) / num_samples
+  real = real_BL[:num_samples]
+  Z = latents.shape[-1]
+  encode = lambda toks: np.concatenate([model.encode_tokens(toks[s]) for s in
+                                        _batches(len(toks), batch_size)])
+  again = encode(tokens)
+  retokens = np.concatenate([model.decode_tokens(again[s])
+                             for s in _batches(len(again), batch_size)])
+  metrics = {
+      'gen_unigram_entropy': unigram_entropy(tokens),
+      'real_unigram_entropy': unigram_entropy(real),
+      'gen_distinct_2': distinct_n(tokens, 2),
+      'gen_distinct_3': distinct_n(tokens, 3),
+      'real_distinct_2': distinct_n(real, 2),
+      'gen_repeat_4gram_rate': repeat_ngram_rate(tokens, 4),
+      'real_repeat_4gram_rate': repeat_ngram_rate(real, 4),
+      'gen_frechet_latent_distance': frechet_latent_distance(
+          again.reshape(-1, Z), encode(real).reshape(-1, Z)),
+      'gen_roundtrip_token_accuracy': float((retokens == tokens).mean()),
+      'seconds_per_sample': seconds,
+  }
+  return metrics, [model._text(t) for t in tokens]
+
+
+# ------------------------------------------------------------------------ plots
+
+
+def _read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
+         ) -> list[str]:
+  """Loss curves of each stage's run and the decodability curve, as PNGs."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  out_dir = os.path.join(workdir, 'plots')
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for stage, run in runs.items():
+    rows = _read_metrics(run)
+    if not rows:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (('train/loss', 'train'), ('eval/loss', 'validation')):
+      pts = [(r['step'], r[key]) for r in rows if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=label, marker='o' if label == 'validation' else None)
+    ax.set(xlabel='step', ylabel='loss', yscale='log', title=f'{stage}: {run}')
+    ax.legend()
+    written.append(os.path.join(out_dir, f'{stage}_loss.png'))
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+  if curve:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([float(s) for s in curve], list(curve.values()), marker='o')
+    ax.set(xlabel='latent noise σ (× per-dimension std)', ylabel='token accuracy',
+           ylim=(0, 1.02), title='decodability')
+    written.append(os.path.join(out_dir, 'decodability.png'))
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+  return written
+
+
+# ------------------------------------------------------------------------- main
+
+
+def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
+             num_windows: int = 256, batch_size: int = 32, seed: int = 0) -> dict:
+  """All metrics of a run; writes eval.json and plots into `workdir`."""
+  from tokcom_jax import data, sampling
+
+  if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
+    raise sampling.SamplingError('--steps, --num_samples, --num_windows and'
+                                 ' --batch_size must be positive.')
+  model = sampling.load(workdir)
+  c = model.config
+  stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
+                                  c.data.cache_dir or None, c.data.text_column,
+                                  c.data.val_split)
+  windows = data.Windows(stream, c.max_length)
+  n = min(num_windows, windows.num_windows)
+  if n == 0:
+    raise data.DataError(f'the validation split of {c.data.source} is shorter than'
+                         f' one window of {c.max_length} tokens.')
+  # Evenly spread over the split, not just its first documents.
+  real = windows.get(np.linspace(0, windows.num_windows - 1, n).astype(np.int64))
+  logging.info('evaluating %s on %d held-out windows', workdir, n)
+  result = {'workdir': os.path.abspath(workdir), 'num_windows': int(n)}
+  result.update(vae_metrics(model, real, batch_size, seed))
+  samples = []
+  if model.dit_params is not None:
+    result.update(flow_metrics(model, real, batch_size, seed))
+    gen, samples = generation_metrics(model, real, num_samples, steps, batch_size,
+                                      seed)
+    result.update(num_samples=num_samples, steps=steps, **gen)
+  runs = {'vae': model.vae_workdir}
+  if model.dit_params is not None:
+    runs['diffusion'] = workdir
+  result['plots'] = plot(workdir, runs, result['recon_token_accuracy_at_noise'])
+  tmp = os.path.join(workdir, 'eval.json.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, os.path.join(workdir, 'eval.json'))
+  if samples:
+    with open(os.path.join(workdir, 'eval_samples.jsonl'), 'w') as f:
+      f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
+                   for i, t in enumerate(samples))
+  return result
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  F = flags.FLAGS
+  result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
+                    F.seed)
+  print(json.dumps(result, indent=2))
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('workdir', None, 'The run to evaluate (a diffusion run, or a'
+                      ' VAE run for the VAE metrics only).', required=True)
+  flags.DEFINE_integer('num_samples', 64, 'Texts to generate.')
+  flags.DEFINE_integer('steps', 50, 'Euler steps per sample.')
+  flags.DEFINE_integer('num_windows', 256, 'Held-out windows to evaluate on.')
+  flags.DEFINE_integer('batch_size', 32, 'Windows or samples per batch.')
+  flags.DEFINE_integer('seed', 0, 'Random seed (noise, t, sampling).')
+
+
+if __name__ == '__main__':
+  from tokcom_jax import cli
+  _define_flags()
+  cli.run(main)
