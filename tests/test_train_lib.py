@@ -105,13 +105,61 @@ def test_stage2_without_a_vae_names_the_missing_workdir(corpus, tmp_path):
 
 
 def test_nan_guard_names_the_step(corpus, vae_run, tmp_path):
-  config = train_fixtures.micro_config(*corpus)
+  config = train_fixtures.micro_config(*corpus, max_nan_steps=2)
   trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
   kernel = trainer.state['params']['lm_head']['kernel']
   trainer.state['params']['lm_head']['kernel'] = jnp.full_like(kernel, jnp.nan)
-  with pytest.raises(train_lib.TrainingError, match='at step 1:'):
+  with pytest.raises(train_lib.TrainingError, match='2 steps in a row, at step 2:'):
     trainer.run()
   assert checkpoint.manager(tmp_path / 'vae', read_only=True).all_steps() == []
+
+
+def poison(trainer, steps):
+  """Training batches of `steps` (1-based) get token ids past the vocabulary: the
+  embedding lookup of such an id is NaN, and so are the loss and the gradients."""
+  calls = iter(range(1, 10**6))
+  original = trainer._batch
+
+  def batch(windows, indices):
+    tokens = original(windows, indices)
+    if windows is trainer.train_windows and next(calls) in steps:
+      return tokens + 10**6
+    return tokens
+  trainer._batch = batch
+
+
+def adam_count(state) -> int:
+  counts = [int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+      state['opt_state']) if jax.tree_util.keystr(path).endswith('.count')]
+  return counts[0]
+
+
+def test_nan_gradients_are_skipped_and_counted(corpus, tmp_path):
+  config = train_fixtures.micro_config(*corpus, max_nan_steps=3)
+  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  poison(trainer, {3, 4})
+  trainer.run()
+  rows = {r['step']: r for r in map(json.loads, open(tmp_path / 'vae' /
+                                                     'metrics.jsonl'))
+          if 'train/skipped_steps' in r}
+  assert [s for s, r in rows.items() if r['train/skipped_steps']] == [3, 4]
+  assert 'train/loss' not in rows[3] and np.isfinite(rows[8]['train/loss'])
+  assert rows[2]['train/nonfinite_total'] == 0 and rows[8]['train/nonfinite_total'] == 2
+  assert adam_count(trainer.state) == 6  # 8 steps, 2 without an update
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(trainer.state['params']))
+
+
+def test_nan_gradients_in_a_row_stop_the_run_and_the_last_checkpoint_restores(
+    corpus, tmp_path):
+  config = train_fixtures.micro_config(*corpus, max_nan_steps=3)
+  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  poison(trainer, set(range(3, 100)))
+  with pytest.raises(train_lib.TrainingError, match='3 steps in a row, at step 5:'):
+    trainer.run()
+  resumed = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  assert resumed._restore() == 4  # saved by the eval at step 4, updates skipped
+  assert adam_count(resumed.state) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(resumed.state['params']))
 
 
 def test_corpus_smaller_than_a_batch_is_a_clear_error(corpus, tmp_path):

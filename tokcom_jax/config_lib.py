@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.01,
       grad_clip=1.0, b1=0.9, b2=0.95, log_every=10, eval_every=0,
       eval_batches=16, checkpoint_every=0, keep_checkpoints=3,
+      max_nan_steps=5,
       vae=dict(epochs=5, num_steps=0, lr=1e-4),
       diffusion=dict(epochs=10, num_steps=0, lr=3e-5)))
 

@@ -58,7 +58,9 @@ def abstract_params(config, stage: str, mesh):
 
 def make_optimizer(config, stage: str, total_steps: int) -> optax.GradientTransformation:
   """AdamW, linear warm-up then cosine decay to 10%, global-norm clipping, and
-  gradient accumulation over `grad_accum` batches."""
+  gradient accumulation over `grad_accum` batches. A gradient with a NaN or inf is
+  skipped (no update, no accumulation); the loop stops the run after
+  `max_nan_steps` in a row, before optax would give up and apply one."""
   tc = config.train
   updates = max(total_steps // tc.grad_accum, 1)
   lr = optax.warmup_cosine_decay_schedule(
@@ -72,7 +74,7 @@ def make_optimizer(config, stage: str, total_steps: int) -> optax.GradientTransf
                   mask=decay_mask))
   if tc.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
-  return tx, lr
+  return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), lr
 
 
 def init_state(config, stage: str, mesh, optimizer):
@@ -122,6 +124,9 @@ def make_train_step(loss: Callable, optimizer, state_shardings, mesh,
         state['params'], tokens_BL, rng, *frozen)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     metrics['grad_norm'] = optax.tree.norm(grads)
+    # apply_if_finite's counters: skipped steps in a row, and in the whole run.
+    metrics['nonfinite_run'] = opt_state.notfinite_count
+    metrics['nonfinite_total'] = opt_state.total_notfinite
     new_state = {'step': state['step'] + 1,
                  'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
@@ -422,15 +427,23 @@ class Trainer:
     return latest
 
   def _check_finite(self, pending: list[tuple[int, dict]]) -> dict[str, float]:
-    """Reads the pending steps' metrics; stops at the first non-finite loss."""
+    """Reads the pending steps' metrics. Steps whose gradient was not finite were
+    skipped by the optimizer and are counted; `max_nan_steps` in a row stop the run
+    (nothing after the last good checkpoint is saved)."""
     fetched = jax.device_get([m for _, m in pending])
+    limit = self.config.train.max_nan_steps
     for (step, _), m in zip(pending, fetched):
-      if not np.isfinite(m['loss']):
+      if m['nonfinite_run'] >= limit:
         raise TrainingError(
-            f'loss became {float(m["loss"])} at step {step + 1}: lower'
-            f' train.{self.stage}.lr or check the data; the last checkpoint is'
-            ' intact.')
-    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            f'loss or gradients not finite for {int(m["nonfinite_run"])} steps in a'
+            f' row, at step {step + 1}: lower train.{self.stage}.lr or check the'
+            ' data; the last checkpoint is intact.')
+    good = [m for m in fetched if m['nonfinite_run'] == 0]
+    mean = {k: float(np.mean([m[k] for m in good])) for k in fetched[0]
+            if k not in ('nonfinite_run', 'nonfinite_total')} if good else {}
+    mean['skipped_steps'] = float(len(fetched) - len(good))
+    mean['nonfinite_total'] = float(fetched[-1]['nonfinite_total'])
+    return mean
 
   def _save(self, step: int, metrics=None, force=False):
     checkpoint.save(self.ckpt, step, self.state, self.meta, metrics, force=force)
@@ -490,9 +503,10 @@ class Trainer:
     row['tokens_per_sec'] = (len(self.pending) * self.batch_size
                              * self.config.max_length / (now - self.t_log))
     self.t_log = now
-    self.epoch_losses.extend([mean['loss']] * len(self.pending))
+    if 'loss' in mean:  # else every pending step was skipped
+      self.epoch_losses.extend([mean['loss']] * len(self.pending))
+      bar.set_postfix(loss=f'{mean["loss"]:.4f}', tok_s=f'{row["tokens_per_sec"]:.0f}')
     self.log.write(done, row, self._wandb_batch_names(mean))
-    bar.set_postfix(loss=f'{mean["loss"]:.4f}', tok_s=f'{row["tokens_per_sec"]:.0f}')
     self.pending = []
     self.last.update(row)
 
@@ -550,6 +564,8 @@ class Trainer:
 
   def _wandb_batch_names(self, mean) -> dict[str, float]:
     """The original TokCom's wandb names for batch losses."""
+    if 'loss' not in mean:
+      return {}
     if self.stage == 'vae':
       return {'vae/batch_loss': mean['loss']}
     return {'diffusion/batch_ce_loss': mean['ce'],
