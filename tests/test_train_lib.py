@@ -53,12 +53,16 @@ def test_vae_samples_are_reconstructions_of_validation_windows(corpus, vae_run):
   config = train_fixtures.micro_config(*corpus)
   windows = train_lib.Trainer(config, vae_run).val_windows.get(np.arange(2))
   model = sampling.load(vae_run)  # the saved checkpoint, through the sampling API
+  model.vae_params, _, _ = checkpoint.restore_params(  # step 8, not the best step
+      vae_run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding),
+                            model.vae_params), step=8)
   assert [r['input'] for r in rows] == [model.tokenizer.decode(w) for w in windows]
   out = np.asarray(model._decode(
       model.vae_params, model._encode(model.vae_params, jnp.asarray(windows)),
       jax.random.key(0), 0.0, 0, 1.0))
   accuracy = np.mean(out == windows, axis=1)
-  assert 0.0 < accuracy.min() and accuracy.max() < 1.0  # 8 steps: partly learnt
+  assert accuracy.max() < 1.0  # 8 steps: hardly learnt
   assert [r['token_accuracy'] for r in rows] == pytest.approx(list(accuracy))
   assert [r['reconstruction'] for r in rows] == [model.tokenizer.decode(o)
                                                  for o in out]
@@ -212,3 +216,40 @@ train_lib.Trainer(config, {str(workdir)!r}).run()
   assert 3 <= logged < 100_000
   # The step after the signal is finished and saved; nothing after it ran.
   assert checkpoint.manager(workdir, read_only=True).latest_step() == logged
+
+
+def _damage(path, how):
+  if how == 'truncate':
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])
+  elif how == 'delete':
+    os.remove(path)
+  else:  # one flipped bit: orbax reads it without complaint
+    data = bytearray(open(path, 'rb').read())
+    data[len(data) // 2] ^= 0x10
+    open(path, 'wb').write(bytes(data))
+
+
+@pytest.mark.parametrize('how', ['truncate', 'delete', 'flip'])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, vae_run, tmp_path,
+                                                           how, caplog):
+  import glob
+  import shutil
+  workdir = tmp_path / 'vae'
+  config = train_fixtures.micro_config(*corpus)
+  train_lib.Trainer(config, str(workdir)).run(stop_after=6)  # checkpoints 4 and 6
+  files = glob.glob(str(workdir / 'checkpoints' / '6' / 'state' / '**' / 'd' / '*'),
+                    recursive=True)
+  _damage(max(files, key=os.path.getsize), how)
+  with caplog.at_level('WARNING'):
+    trainer = train_lib.Trainer(config, str(workdir))
+    trainer.run()
+  assert 'checkpoint step 6' in caplog.text and 'damaged' in caplog.text
+  assert os.path.isdir(workdir / 'damaged_checkpoints' / '6')
+  # Resumed from step 4: the same losses as the uninterrupted run, bit for bit.
+  assert losses(workdir) == losses(vae_run)
+  shutil.rmtree(workdir / 'checkpoints')
+  shutil.copytree(workdir / 'damaged_checkpoints', workdir / 'checkpoints')
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .* can be'):
+    train_lib.Trainer(config, str(workdir)).run()  # none readable: nothing moved
+  assert os.listdir(workdir / 'checkpoints') == ['6']

@@ -5,6 +5,12 @@ resolved config, the stage, and where the tokenizer lives. The manager keeps the
 `keep` checkpoints and the best one by validation loss; writes are asynchronous and
 atomic (orbax writes to a temporary directory and renames it when complete), so a
 killed run leaves either a whole checkpoint or none.
+
+Damage after writing (a truncated or deleted file, a flipped bit) is caught at
+restore: orbax fails to read a damaged file, and `meta` holds a fingerprint of every
+part of the state that must match what was read. A damaged checkpoint is moved to
+`<workdir>/damaged_checkpoints/` with a warning and the previous one is used; when
+none can be read, the error says so and nothing is moved.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -46,11 +53,96 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
                                item_names=('state', 'meta'))
 
 
+@jax.jit
+def fingerprint(tree) -> jax.Array:
+  """A uint32 checksum of a tree's bits. Each element's bits are weighted by an odd
+  number that depends on its position, so any single flipped bit changes it."""
+  total = jnp.zeros((), jnp.uint32)
+  for i, x in enumerate(jax.tree.leaves(tree)):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 4:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = x.astype(jnp.uint32)
+    position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else 0
+    for d in range(1, x.ndim):  # row-major element index
+      position = position * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(
+          jnp.uint32, x.shape, d)
+    total += jnp.uint32(2 * i + 1) * jnp.sum(bits * (2 * position + 1),
+                                             dtype=jnp.uint32)
+  return total
+
+
+def fingerprints(state) -> dict[str, int]:
+  return {k: int(v) for k, v in jax.device_get(
+      {k: fingerprint(v) for k, v in state.items()}).items()}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
          metrics: dict[str, float] | None = None, force: bool = False) -> None:
+  meta = {**meta, 'fingerprints': fingerprints(state)}
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
       metrics=metrics, force=force)
+
+
+def _check(state, meta: dict, step: int) -> None:
+  expected = meta.get('fingerprints', {})
+  for name, value in fingerprints(state).items():
+    if name in expected and expected[name] != value:
+      raise CheckpointError(f'the {name} read back from step {step} do not match'
+                            ' the fingerprint written with them')
+
+
+def _quarantine(mngr: ocp.CheckpointManager, step: int) -> None:
+  if jax.process_index() == 0:
+    src = epath.Path(mngr.directory) / str(step)
+    dst = epath.Path(mngr.directory).parent / 'damaged_checkpoints' / str(step)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+      dst.rmtree()
+    src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f'quarantine {step}')
+  mngr.reload()
+
+
+def _short(error: Exception) -> str:
+  return str(error).strip().splitlines()[0][:200] if str(error).strip() else (
+      type(error).__name__)
+
+
+def restore_latest_good(mngr: ocp.CheckpointManager, restore_fn, steps=None):
+  """(step, restore_fn(step)) of the newest checkpoint that reads back whole.
+
+  Damaged newer ones are moved aside with a warning naming them. When no
+  checkpoint reads (a changed model config, say), raises and moves nothing.
+  Returns (None, None) when there are no checkpoints.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True) if steps is None else steps
+  damaged = []
+  for step in steps:
+    try:
+      result = restore_fn(step)
+    except Exception as e:  # orbax / tensorstore raise many kinds  # noqa: BLE001
+      damaged.append((step, e))
+      continue
+    for bad, error in damaged:
+      logging.warning('checkpoint step %d in %s is damaged (%s): moved to'
+                      ' damaged_checkpoints/, using step %d', bad, mngr.directory,
+                      _short(error), step)
+      _quarantine(mngr, bad)
+    return step, result
+  if damaged:
+    step, error = damaged[0]
+    raise CheckpointError(
+        f'no checkpoint in {mngr.directory} can be read; step {step}:'
+        f' {_short(error)}. If the model config changed, use a new --workdir.'
+    ) from error
+  return None, None
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -64,22 +156,34 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target_state) -> tuple[Any, dict]:
-  """Restores onto `target_state`'s shapes and shardings (any mesh)."""
+  """Restores onto `target_state`'s shapes and shardings (any mesh), checked
+  against the fingerprints saved with it."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  _check(restored['state'], restored['meta'], step)
   return restored['state'], restored['meta']
 
 
-def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
-  """(step, meta) of a run's best (or given) checkpoint, without its arrays."""
+def _steps_best_first(mngr: ocp.CheckpointManager) -> list[int]:
+  best = best_step(mngr)
+  return [best] + [s for s in sorted(mngr.all_steps(), reverse=True) if s != best]
+
+
+def _open(workdir) -> ocp.CheckpointManager:
   if not checkpoint_dir(workdir).exists():
     raise CheckpointError(f'{workdir} has no checkpoints/: train it first with'
                           ' train.py, or pass the right --workdir.')
   mngr = manager(workdir, read_only=True)
-  step = best_step(mngr) if step is None else step
-  if step is None:
+  if mngr.latest_step() is None:
     raise CheckpointError(f'{workdir}/checkpoints holds no complete checkpoint.')
+  return mngr
+
+
+def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta) of a run's best (or given) checkpoint, without its arrays."""
+  mngr = _open(workdir)
+  step = best_step(mngr) if step is None else step
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   logging.info('%s: checkpoint step %d', workdir, step)
   return step, meta['meta']
@@ -88,11 +192,32 @@ def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
 def restore_params(workdir, abstract_params, step: int | None = None
                    ) -> tuple[Any, dict, int]:
   """Only the parameters of a run's best (or given) checkpoint, onto the shardings
-  of `abstract_params` (ShapeDtypeStructs); the optimizer state is never read."""
-  step, meta = read_meta(workdir, step)
-  mngr = manager(workdir, read_only=True)
+  of `abstract_params` (ShapeDtypeStructs); the optimizer state is never read.
+  A damaged best checkpoint falls back to the newest readable one."""
+  mngr = _open(workdir)
   item = {'params': abstract_params}
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  return restored['state']['params'], meta, step
+
+  def read(step):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(),
+        state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+    meta = restored['meta']
+    _check(restored['state'], meta, step)
+    return restored['state']['params'], meta
+
+  if step is not None:
+    params, meta = read(step)
+  else:
+    # Readers never move anything: warn and use the next best.
+    for step in _steps_best_first(mngr):
+      try:
+        params, meta = read(step)
+        break
+      except Exception as e:  # noqa: BLE001
+        logging.warning('checkpoint step %d of %s cannot be read (%s); trying an'
+                        ' older one', step, workdir, _short(e))
+    else:
+      raise CheckpointError(f'no checkpoint of {workdir} can be read.')
+  return params, meta, step

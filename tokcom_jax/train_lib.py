@@ -239,7 +239,7 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> None:
       pass
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(''.join(l + '\n' for l in rows))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _wandb_logged_in() -> bool:
@@ -419,12 +419,13 @@ class Trainer:
     return {f'eval/{k}': float(v) / tc.eval_batches for k, v in totals.items()}
 
   def _restore(self) -> int:
-    latest = self.ckpt.latest_step()
-    if latest is None:
+    step, restored = checkpoint.restore_latest_good(
+        self.ckpt, lambda step: checkpoint.restore(self.ckpt, step, self.state))
+    if step is None:
       return 0
-    self.state, _ = checkpoint.restore(self.ckpt, latest, self.state)
-    logging.info('resumed from %s step %d', self.ckpt.directory, latest)
-    return latest
+    self.state = restored[0]
+    logging.info('resumed from %s step %d', self.ckpt.directory, step)
+    return step
 
   def _check_finite(self, pending: list[tuple[int, dict]]) -> dict[str, float]:
     """Reads the pending steps' metrics. Steps whose gradient was not finite were
