@@ -17,15 +17,7 @@ def make_corpus(root: pathlib.Path, files: int = 40) -> str:
 
 
 def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
-  mods = dict(
-      tokenizer='bpe:384', vocab_size=384, max_length=32, batch_size=8,
-      **{'vae.hidden_size': 32, 'vae.encoder_layers': 1, 'vae.decoder_layers': 1,
-         'vae.num_heads': 2, 'vae.num_kv_heads': 1, 'vae.intermediate_size': 64,
-         'vae.latent_dim': 8, 'dit.hidden_size': 32, 'dit.num_layers': 1,
-         'dit.num_heads': 2, 'dit.num_kv_heads': 1, 'dit.intermediate_size': 64,
-         'dit.time_freq_dim': 32, 'train.vae.num_steps': 8,
-         'train.diffusion.num_steps': 8, 'log_every': 1, 'eval_every': 4,
-         'eval_batches': 2, 'warmup_steps': 2})
+  mods = dict(MICRO)
   mods.update(modifiers)
   arg = ','.join([stage] + [f'{k}={v}' for k, v in mods.items()])
   config = tiny.get_config(arg)
@@ -34,6 +26,26 @@ def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
   config.data.cache_dir = cache_dir
   config.lock()
   return config_lib.validate(config)
+
+
+MICRO = dict(
+    tokenizer='bpe:384', vocab_size=384, max_length=32, batch_size=8,
+    **{'vae.hidden_size': 32, 'vae.encoder_layers': 1, 'vae.decoder_layers': 1,
+       'vae.num_heads': 2, 'vae.num_kv_heads': 1, 'vae.intermediate_size': 64,
+       'vae.latent_dim': 8, 'dit.hidden_size': 32, 'dit.num_layers': 1,
+       'dit.num_heads': 2, 'dit.num_kv_heads': 1, 'dit.intermediate_size': 64,
+       'dit.time_freq_dim': 32, 'train.vae.num_steps': 8,
+       'train.diffusion.num_steps': 8, 'log_every': 1, 'eval_every': 4,
+       'eval_batches': 2, 'warmup_steps': 2})
+
+
+def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers
+                ) -> list[str]:
+  """train.py flags for the same run as micro_config(source, cache_dir, …)."""
+  base = tiny.get_config(stage)
+  mods = {**MICRO, **modifiers, 'data.source': source, 'data.cache_dir': cache_dir}
+  return [f'--config={pathlib.Path(tiny.__file__)}:{stage}'] + [
+      f'--config.{config_lib._resolve(base, k)}={v}' for k, v in mods.items()]
 
 
 def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:

@@ -37,6 +37,8 @@ def initialize_distributed(coordinator_address: str | None = None,
   the coordinator's host:port, the number of processes and this process's id.
   """
   if coordinator_address:
+    # CPU processes need a collectives backend of their own (GPUs and TPUs have one).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _on_tpu_pod():
     jax.distributed.initialize()

@@ -1,0 +1,99 @@
+"""Runs that need a fresh JAX: several CPU devices, several processes (gloo)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests import train_fixtures
+from tokcom_jax import checkpoint, train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, 'train.py')
+
+
+def losses(workdir, key='train/loss'):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return {r['step']: r[key] for r in rows if key in r}
+
+
+def assert_same_losses(a, b):
+  assert sorted(a) == sorted(b)
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)],
+                             rtol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('corpus')
+  return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
+
+
+@pytest.fixture(scope='module')
+def one_device_run(corpus, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one') / 'vae')
+  train_lib.Trainer(train_fixtures.micro_config(*corpus), workdir).run()
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def four_device_run(corpus, tmp_path_factory):
+  """1 process, 4 CPU devices, a 2x2 (data x fsdp) mesh, through train.py."""
+  workdir = str(tmp_path_factory.mktemp('four') / 'vae')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, TRAIN, f'--workdir={workdir}',
+                  *train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2})],
+                 check=True, env=env, cwd=REPO, capture_output=True)
+  return workdir
+
+
+def run_two_processes(workdir, flags, stop_after=None):
+  """train.py as 2 processes of 2 CPU devices each, on a localhost coordinator."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, TRAIN, f'--workdir={workdir}', *flags,
+       f'--coordinator_address=localhost:{port}', '--num_processes=2',
+       f'--process_id={i}'], env=env, cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_four_devices_match_one(one_device_run, four_device_run):
+  assert_same_losses(losses(four_device_run), losses(one_device_run))
+
+
+def test_two_processes_match_one_process_and_share_checkpoints(
+    corpus, one_device_run, four_device_run, tmp_path):
+  flags = train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2})
+  two = str(tmp_path / 'two')
+  outs = run_two_processes(two, flags)
+  assert_same_losses(losses(two), losses(four_device_run))
+  assert len(open(os.path.join(two, 'metrics.jsonl')).readlines()) == 8 + 2
+  assert 'vae:' in outs[0][1] and 'vae:' not in outs[1][1]  # one progress bar
+
+  # Written by 2 processes on a 2x2 mesh, read by 1 process on 1 device.
+  config = train_fixtures.micro_config(*corpus)
+  trainer = train_lib.Trainer(config, two)
+  assert trainer._restore() == 8  # fingerprints checked on the way in
+  graphdef, abstract = train_lib.abstract_params(config, 'vae', trainer.mesh)
+  four, _, _ = checkpoint.restore_params(four_device_run, abstract, step=8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               trainer.state['params'], four)
+
+  # And the reverse: 1 process stops at step 4, 2 processes finish the run.
+  rev = str(tmp_path / 'rev')
+  train_lib.Trainer(config, rev).run(stop_after=4)
+  run_two_processes(rev, flags)
+  assert_same_losses(losses(rev), losses(one_device_run))
