@@ -97,3 +97,23 @@ def test_two_processes_match_one_process_and_share_checkpoints(
   train_lib.Trainer(config, rev).run(stop_after=4)
   run_two_processes(rev, flags)
   assert_same_losses(losses(rev), losses(one_device_run))
+
+
+def test_fsdp_divides_state_bytes_per_device():
+  """The memory report on 8 fake CPU devices: (8 data), (8 fsdp), (2 data x 4 fsdp)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'tokcom_jax.sharding',
+       f'--config={os.path.join(REPO, "configs", "tiny.py")}:diffusion',
+       '--mesh=8x1,1x8,2x4'], capture_output=True, text=True, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {r['mesh']: r for r in map(json.loads, out.stdout.splitlines())}
+  state = {m: r['params_bytes'] + r['optimizer_bytes'] for m, r in rows.items()}
+  # Only vectors (norm scales, biases) and scalars stay replicated.
+  assert 7.0 < state['8x1'] / state['1x8'] <= 8.0
+  assert 3.5 < state['8x1'] / state['2x4'] <= 4.0
+  assert 3.5 < rows['8x1']['frozen_vae_bytes'] / rows['2x4']['frozen_vae_bytes'] <= 4
+  # The compiled step's arguments are that state (+ the frozen VAE and the batch).
+  for r in rows.values():
+    assert r['argument_bytes'] >= r['params_bytes'] + r['optimizer_bytes']
+    assert r['temp_bytes'] > 0

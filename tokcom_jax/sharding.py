@@ -112,3 +112,81 @@ def global_batch(local: np.ndarray, mesh, global_batch_size: int) -> jax.Array:
 def log_mesh(mesh) -> None:
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
                jax.device_count(), jax.process_count())
+
+
+# ------------------------------------------------- memory report (python -m …)
+
+
+def memory_report(config, mesh_shapes, compile: bool = True) -> list[dict]:
+  """Per-device bytes of a stage's train state under each (data, fsdp) mesh shape,
+  and the compiler's memory analysis of its train step (ahead of time: nothing of
+  full size is allocated, no step runs)."""
+  from tokcom_jax import train_lib  # the train step lives there
+  rows = []
+  for data, fsdp in mesh_shapes:
+    devices = np.array(jax.devices()[:data * fsdp]).reshape(data, fsdp)
+    mesh = jax.sharding.Mesh(devices, MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    optimizer, _ = train_lib.make_optimizer(config, config.stage, 1000)
+    graphdef, state = train_lib.abstract_state(config, config.stage, mesh, optimizer)
+    row = {'stage': config.stage, 'mesh': f'{data}x{fsdp}',
+           'params_bytes': train_lib.per_device_bytes(state['params']),
+           'optimizer_bytes': train_lib.per_device_bytes(state['opt_state'])}
+    frozen, frozen_abstract = (), ()
+    if config.stage == 'diffusion':
+      vae_graphdef, vae_params = train_lib.abstract_params(config, 'vae', mesh)
+      frozen_abstract = (vae_params,)
+      frozen = (jax.tree.map(lambda x: x.sharding, vae_params),)
+      row['frozen_vae_bytes'] = train_lib.per_device_bytes(vae_params)
+    if compile:
+      loss = train_lib.stage_loss(config, config.stage, graphdef,
+                                  vae_graphdef if frozen else None)
+      step = train_lib.make_train_step(
+          loss, optimizer, jax.tree.map(lambda x: x.sharding, state), mesh, frozen)
+      tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.max_length),
+                                    np.int32, sharding=batch_sharding(mesh))
+      key = jax.eval_shape(lambda: jax.random.key(0))
+      stats = step.lower(state, tokens, key, *frozen_abstract).compile(
+          ).memory_analysis()
+      if stats is not None:
+        row.update(argument_bytes=stats.argument_size_in_bytes,
+                   output_bytes=stats.output_size_in_bytes,
+                   temp_bytes=stats.temp_size_in_bytes,
+                   alias_bytes=stats.alias_size_in_bytes)
+    rows.append(row)
+  return rows
+
+
+def _main(argv):
+  del argv
+  import json
+  from absl import flags
+  F = flags.FLAGS
+  shapes = [tuple(int(n) for n in m.split('x')) for m in F.mesh]
+  if max(d * f for d, f in shapes) > jax.device_count():
+    from tokcom_jax.config_lib import ConfigError
+    raise ConfigError(f'--mesh {",".join(F.mesh)} needs more than the'
+                      f' {jax.device_count()} devices there are.')
+  for row in memory_report(F.config, shapes, compile=not F.no_compile):
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import flags
+  from ml_collections import config_flags
+
+  from tokcom_jax import cli
+  config_flags.DEFINE_config_file('config', None, 'e.g. configs/v52.py:vae')
+  flags.DEFINE_list('mesh', ['8x1', '1x8', '2x4'], 'data x fsdp mesh shapes.')
+  flags.DEFINE_bool('no_compile', False, 'Only the state bytes, no compiled step.')
+  flags.mark_flag_as_required('config')
+
+  def main(argv):
+    # Fake CPU devices for the largest mesh, set before JAX starts its backend.
+    shapes = [m.split('x') for m in flags.FLAGS.mesh]
+    need = max(int(d) * int(f) for d, f in shapes)
+    if os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu':
+      jax.config.update('jax_platforms', 'cpu')
+      jax.config.update('jax_num_cpu_devices', max(need, 1))
+    return _main(argv)
+  cli.run(main)

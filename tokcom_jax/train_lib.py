@@ -77,6 +77,15 @@ def make_optimizer(config, stage: str, total_steps: int) -> optax.GradientTransf
   return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), lr
 
 
+def opt_state_shardings(optimizer, params, mesh):
+  """Moments (and accumulated gradients) take their parameter's sharding, so FSDP
+  shards them too; scalars (step counts, NaN counters) are replicated."""
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return optax.tree_map_params(
+      optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params),
+      param_shardings, transform_non_params=lambda _: sharding.replicated(mesh))
+
+
 def init_state(config, stage: str, mesh, optimizer):
   """A fresh train state, initialised directly into its shardings."""
   graphdef, abstract = abstract_params(config, stage, mesh)
@@ -86,14 +95,28 @@ def init_state(config, stage: str, mesh, optimizer):
     return nnx.to_pure_dict(nnx.state(build_model(config, stage, config.seed)))
 
   params = jax.jit(init, out_shardings=shardings)()
-  # Moments follow their parameters' shardings; new scalars (step counts) land on
-  # one device, so everything not spread over the mesh is replicated on it.
-  replicated = sharding.replicated(mesh)
-  opt_state = jax.tree.map(
-      lambda x: x if x.sharding.device_set == replicated.device_set
-      else jax.device_put(x, replicated), jax.jit(optimizer.init)(params))
-  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(
+      optimizer, abstract, mesh))(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
   return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
+
+
+def abstract_state(config, stage: str, mesh, optimizer):
+  """(graphdef, the train state as ShapeDtypeStructs with their shardings): what
+  init_state would build, without allocating or computing anything."""
+  graphdef, params = abstract_params(config, stage, mesh)
+  opt_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(optimizer.init, params),
+      opt_state_shardings(optimizer, params, mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes that one device holds of a tree of sharded arrays or ShapeDtypeStructs."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
 
 
 # ---------------------------------------------------------------------------- steps
@@ -109,6 +132,15 @@ def diffusion_loss(graphdef, params, tokens_BL, rng, vae_graphdef, vae_params,
   return flow.diffusion_loss_fn(
       nnx.merge(graphdef, params), nnx.merge(vae_graphdef, vae_params), tokens_BL,
       jnp.ones_like(tokens_BL), rng, flow_cfg, t_B)
+
+
+def stage_loss(config, stage: str, graphdef, vae_graphdef=None) -> Callable:
+  """loss(params, tokens, rng[, frozen VAE params]) → (loss, metrics) of a stage."""
+  if stage == 'vae':
+    return lambda p, tokens, rng: vae_loss(graphdef, p, tokens, rng)
+  flow_cfg = flow.FlowConfig.from_config(config)
+  return lambda p, tokens, rng, vp: diffusion_loss(graphdef, p, tokens, rng,
+                                                   vae_graphdef, vp, flow_cfg)
 
 
 def make_train_step(loss: Callable, optimizer, state_shardings, mesh,
@@ -334,12 +366,7 @@ class Trainer:
     self.graphdef, self.state = init_state(config, self.stage, self.mesh,
                                            self.optimizer)
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    if self.stage == 'vae':
-      loss = lambda p, tokens, rng: vae_loss(self.graphdef, p, tokens, rng)
-    else:
-      flow_cfg = flow.FlowConfig.from_config(config)
-      loss = lambda p, tokens, rng, vp: diffusion_loss(
-          self.graphdef, p, tokens, rng, vae_graphdef, vp, flow_cfg)
+    loss = stage_loss(config, self.stage, self.graphdef, vae_graphdef)
     self.train_step = make_train_step(loss, self.optimizer, state_shardings,
                                       self.mesh, self.frozen_shardings)
     self.eval_step = make_eval_step(config, self.stage, self.graphdef, self.mesh,
