@@ -117,3 +117,18 @@ def test_fsdp_divides_state_bytes_per_device():
   for r in rows.values():
     assert r['argument_bytes'] >= r['params_bytes'] + r['optimizer_bytes']
     assert r['temp_bytes'] > 0
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(corpus, tmp_path):
+  flags = train_fixtures.micro_flags(*corpus, **{
+      'train.vae.num_steps': 24, 'checkpoint_every': 3, 'eval_every': 6})
+  out = subprocess.run(
+      [sys.executable, '-m', 'tokcom_jax.resilience', '--kills=3',
+       f'--root={tmp_path}', '--', *flags], capture_output=True, text=True,
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(report['kills']) >= 2
+  assert all(k['exit'] == -9 and 0 < k['killed_at'] < 24 for k in report['kills'])
+  assert report['losses_identical'] and report['losses_compared'] > 24
+  assert report['params_identical'] and report['final_step'] == [24, 24]
