@@ -104,11 +104,23 @@ def test_cli_generates_and_fails_in_one_line(runs, tmp_path):
   assert ok.returncode == 0, ok.stderr
   assert ok.stdout.startswith(f'workdir: {runs[1]}') and '─' * 60 in ok.stdout
   assert len(open(tmp_path / 'g.jsonl').readlines()) == 2
+  shape, dtype = tmp_path / 'shape.npy', tmp_path / 'dtype.npy'
+  np.save(shape, np.zeros((4, 3), np.float32))
+  np.save(dtype, np.zeros((4, 16), np.int32))
   for args, message in [
       ([f'--workdir={tmp_path / "none"}'], 'has no checkpoints'),
       ([f'--workdir={runs[0]}'], 'stage-1'),
       ([f'--workdir={runs[1]}', '--steps=0'], 'positive'),
       ([f'--workdir={runs[1]}', '--mode=encode'], 'needs --input_text'),
+      ([f'--workdir={runs[1]}', '--steps=-3'], 'positive'),
+      ([f'--workdir={runs[1]}', '--num_chunks=9'], 'between 1 and 8'),
+      ([f'--workdir={runs[1]}', '--prompt=' + 'x = 1\n' * 40], 'shorten it'),
+      ([f'--workdir={runs[1]}', '--mode=decode', f'--input_file={shape}'],
+       'latents must be a float array [N, 16]; got float32 [4, 3]'),
+      ([f'--workdir={runs[1]}', '--mode=decode', f'--input_file={dtype}'],
+       'got int32 [4, 16]'),
+      ([f'--workdir={runs[1]}', '--mode=decode', f'--input_file={tmp_path}/no.npy'],
+       'cannot read latents'),
   ]:
     bad = run_cli(*args)
     assert bad.returncode == 2, (args, bad.stderr)

@@ -32,4 +32,19 @@ def run(main):
         raise
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
-  app.run(guarded)
+  app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's parsing, but a bad flag or config is one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    message = str(cause) if isinstance(cause, _user_errors()) else str(e)
+    if '--verbose' in argv:
+      raise
+    print(f'error: {message.strip().splitlines()[-1]}', file=sys.stderr)
+    sys.exit(2)

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from tokcom_jax import checkpoint, data, dit, flow, sharding, vae
-from tokcom_jax.config_lib import ConfigError
+from tokcom_jax.config_lib import ConfigError, validate
 
 EVAL_TIMES = (0.1, 0.5, 0.9)  # t values at which the flow model is evaluated
 
@@ -305,6 +305,7 @@ class Preemption:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.stage` ('vae', 'diffusion' or 'all') in `workdir`."""
+  validate(config)  # again: --config.field=value flags apply after get_config
   if config.stage == 'all':
     vae_dir = os.path.join(workdir, 'vae')
     train(_with(config, stage='vae'), vae_dir)
