@@ -1,0 +1,69 @@
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from configs import tiny
+from tokcom_jax import flops, train_lib
+
+
+def one_layer(**extra):
+  mods = {'vocab_size': 384, 'max_length': 8, 'vae.hidden_size': 32,
+          'vae.encoder_layers': 1, 'vae.decoder_layers': 1, 'vae.num_heads': 2,
+          'vae.num_kv_heads': 1, 'vae.intermediate_size': 64, 'vae.latent_dim': 8,
+          'dit.hidden_size': 32, 'dit.num_layers': 1, 'dit.num_heads': 2,
+          'dit.num_kv_heads': 1, 'dit.intermediate_size': 64, 'dit.time_freq_dim': 32,
+          **extra}
+  return tiny.get_config(','.join(['vae'] + [f'{k}={v}' for k, v in mods.items()]))
+
+
+def test_one_layer_hand_count():
+  config = one_layer()
+  # Per token and layer: q 32·32, k and v 2·32·16, o 32·32, SwiGLU 3·32·64 → ×2.
+  per_token = 2 * (1024 + 1024 + 1024 + 6144)
+  assert per_token == 18432
+  # Batch 2 × 8 tokens = 4 chunks. Encoder: 4 chunks × 4 tokens, causal attention
+  # 4·4²·32 / 2 per chunk, mean and logvar heads 2·(2·32·8) per chunk.
+  encoder = 16 * per_token + 4 * 1024 + 4 * 1024
+  # Decoder: 4 × (latent + 4 placeholders), causal attention 4·5²·32 / 2 per chunk,
+  # from_latent 2·8·32 per chunk, the unembedding 2·32·384 per token.
+  decoder = 20 * per_token + 4 * 1600 + 4 * 512 + 16 * 2 * 32 * 384
+  assert flops.vae_forward(config, 2) == {'encoder': encoder, 'decoder': decoder}
+  assert flops.train_step_flops(config, 'vae', 2) == 3 * (encoder + decoder) == 3220224
+  # Flow transformer: 2 × 2 latents, full attention 4·2²·32 per sequence, in/out
+  # projections, and per sample the timestep MLP and two adaLN modulations.
+  dit = (4 * per_token + 2 * 512 + 4 * 2 * (8 * 32 + 32 * 8)
+         + 2 * (2 * (32 * 32 + 32 * 32) + 2 * 32 * 192 + 2 * 32 * 64))
+  assert flops.dit_forward(config, 2) == dit == 119808
+  assert flops.train_step_flops(config, 'diffusion', 2) == (
+      3 * dit + encoder + 2 * decoder)
+
+
+@pytest.mark.parametrize('stage', ['vae', 'diffusion'])
+def test_count_agrees_with_xla(stage):
+  """XLA's own count of the forward pass (bidirectional attention, which XLA
+  computes whole) is the model count plus a little elementwise work."""
+  config = one_layer(**{'vae.hidden_size': 256, 'vae.intermediate_size': 768,
+                        'vae.num_heads': 4, 'vae.encoder_causal': False,
+                        'vae.decoder_causal': False, 'dit.hidden_size': 256,
+                        'dit.intermediate_size': 768, 'dit.num_heads': 4,
+                        'max_length': 64})
+  vae_model = train_lib.build_model(config, 'vae')
+  if stage == 'vae':
+    fn = lambda m, tokens: m.decode(m.encode(tokens)[0])
+    args = (vae_model, jnp.zeros((2, 64), jnp.int32))
+    ours = sum(flops.vae_forward(config, 2).values())
+  else:
+    fn = lambda m, x, t: m(x, t)
+    args = (train_lib.build_model(config, 'diffusion'), jnp.zeros((2, 16, 8)),
+            jnp.zeros((2,)))
+    ours = flops.dit_forward(config, 2)
+  xla = nnx.jit(fn).lower(*args).compile().cost_analysis()['flops']
+  assert ours <= xla < 1.15 * ours, (ours, xla)
+
+
+def test_peaks():
+  assert flops.peak_flops_per_device('NVIDIA H100 80GB HBM3') == 989e12
+  assert flops.peak_flops_per_device('TPU v5 lite') == 197e12
+  assert flops.peak_flops_per_device('TPU v5p') == 459e12
+  assert flops.peak_flops_per_device('cpu') is None

@@ -1,0 +1,94 @@
+"""Model FLOPs of a training step, counted the MaxText way, and peak FLOP/s.
+
+Counted: every learnable-weight matmul (2 FLOPs per multiply-add) and attention's
+scores and values (halved when causal), forward once and backward twice (×3 in all).
+Stage 2 trains the flow transformer (×3); the frozen VAE encoder runs forward only
+(×1); the frozen decoder runs forward and backward through its activations, but its
+weight gradients are never formed (×2). Elementwise work (norms, RoPE, softmax) is
+left out, as MFU conventions do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Dense bf16 peak per device, FLOP/s (no sparsity).
+PEAK_BF16 = {
+    'H100': 989e12, 'H200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v5': 459e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  """Known peak for a `jax.Device.device_kind`; None (measure it) otherwise."""
+  for name, peak in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """A stack of Qwen2-style blocks applied to `sequences` sequences of `length`."""
+  layers: int
+  hidden: int
+  heads: int
+  kv_heads: int
+  mlp: int
+  causal: bool
+
+  def weight_flops_per_token(self) -> int:
+    d, hd = self.hidden, self.hidden // self.heads
+    attn = d * self.heads * hd + 2 * d * self.kv_heads * hd + self.heads * hd * d
+    return 2 * self.layers * (attn + 3 * d * self.mlp)
+
+  def attention_flops_per_sequence(self, length: int) -> int:
+    # QKᵀ and AV: 2 matmuls × 2 FLOPs × L² × heads × head_dim, per layer.
+    full = 4 * length * length * self.hidden
+    return self.layers * (full // 2 if self.causal else full)
+
+  def forward(self, sequences: int, length: int) -> int:
+    return sequences * (length * self.weight_flops_per_token()
+                        + self.attention_flops_per_sequence(length))
+
+
+def _stack(c, layers: int, causal: bool) -> Stack:
+  return Stack(layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+               c.intermediate_size, causal)
+
+
+def vae_forward(config, batch: int) -> dict[str, int]:
+  """Forward FLOPs of the ChunkVAE on [batch, max_length] tokens, by part."""
+  v, K = config.vae, config.chunk_size
+  D, Z, V = v.hidden_size, v.latent_dim, config.vocab_size
+  chunks = batch * config.max_length // K
+  return {
+      'encoder': _stack(v, v.encoder_layers, v.encoder_causal).forward(chunks, K)
+                 + chunks * 2 * (2 * D * Z),  # to_mean, to_logvar
+      'decoder': _stack(v, v.decoder_layers, v.decoder_causal).forward(chunks, K + 1)
+                 + chunks * 2 * Z * D          # from_latent
+                 + chunks * K * 2 * D * V,     # the unembedding
+  }
+
+
+def dit_forward(config, batch: int) -> int:
+  """Forward FLOPs of the latent flow transformer on [batch, N, Z] latents."""
+  d, Z = config.dit, config.vae.latent_dim
+  D, N = d.hidden_size, config.max_length // config.chunk_size
+  per_sample = (2 * (d.time_freq_dim * D + D * D)         # timestep MLP
+                + d.num_layers * 2 * D * 6 * D + 2 * D * 2 * D)  # adaLN modulations
+  return (_stack(d, d.num_layers, False).forward(batch, N)
+          + batch * N * 2 * (Z * D + D * Z) + batch * per_sample)
+
+
+def train_step_flops(config, stage: str, batch: int | None = None) -> int:
+  """Model FLOPs of one training step of `stage` on the global batch."""
+  batch = batch or config.train.batch_size
+  vae = vae_forward(config, batch)
+  if stage == 'vae':
+    return 3 * (vae['encoder'] + vae['decoder'])
+  return 3 * dit_forward(config, batch) + vae['encoder'] + 2 * vae['decoder']
+
+
+def tokens_per_step(config, batch: int | None = None) -> int:
+  return (batch or config.train.batch_size) * config.max_length
