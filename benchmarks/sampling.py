@@ -1,0 +1,104 @@
+"""Sampling throughput: 50 Euler steps over all latents at once, against
+autoregressive decoding with a KV cache by a causal transformer of the same width
+and depth (Hugging Face `transformers` Qwen2, PyTorch `generate`).
+
+    python benchmarks/sampling.py --quick                 # CPU, under 2 minutes
+    python benchmarks/sampling.py --config v52 --tokens 1024 --batch_sizes 1,8
+
+One JSON line per (method, batch size): tokens/s; the TokCom line also gives the
+ratio to autoregressive decoding at that batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokcom_jax import flow, sampling, train_lib
+
+
+def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
+  """Seconds to generate `batch` texts of `tokens` tokens: noise → 50 Euler steps of
+  the flow model → VAE decoder, argmax (random weights: the cost is the same)."""
+  vae = train_lib.build_model(config, 'vae')
+  dit = train_lib.build_model(config, 'diffusion')
+  from flax import nnx
+  model = sampling.TokCom.__new__(sampling.TokCom)  # no tokenizer needed here
+  model.config = config
+  model.vae_graphdef, model.vae_params = nnx.split(vae)
+  model.dit_graphdef, model.dit_params = nnx.split(dit)
+  model.vae_params = nnx.to_pure_dict(model.vae_params)
+  model.dit_params = nnx.to_pure_dict(model.dit_params)
+  N, Z = tokens // config.chunk_size, config.vae.latent_dim
+  x0 = flow.sample_noise(jax.random.key(0), (batch, N, Z), config.flow.noise_std)
+  mask, known = jnp.zeros((batch, N), bool), jnp.zeros((batch, N, Z))
+
+  def one():
+    z = model._sample_latents(model.dit_params, x0, steps, mask, known)
+    model._decode(model.vae_params, z, jax.random.key(1), 0.0, 0, 1.0
+                  ).block_until_ready()
+  one()
+  return common.timed(one, repeats)
+
+
+def autoregressive_seconds(config, batch: int, tokens: int, repeats: int, dtype: str):
+  import torch
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+  d = config.dit
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = Qwen2ForCausalLM(Qwen2Config(
+      vocab_size=config.vocab_size, hidden_size=d.hidden_size,
+      intermediate_size=d.intermediate_size, num_hidden_layers=d.num_layers,
+      num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
+      max_position_embeddings=tokens + 8, attn_implementation='sdpa',
+      eos_token_id=None, pad_token_id=0)).to(
+          device, torch.bfloat16 if dtype == 'bfloat16' else torch.float32).eval()
+  prompt = torch.ones((batch, 1), dtype=torch.long, device=device)
+
+  def one():
+    with torch.no_grad():
+      out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, use_cache=True)
+    assert out.shape[1] == tokens + 1
+    if device == 'cuda':
+      torch.cuda.synchronize()
+  one()
+  return common.timed(one, repeats), f'torch {torch.__version__} sdpa, {device}'
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--config', default='bench', help='tiny, bench or v52')
+  p.add_argument('--tokens', type=int, default=1024)
+  p.add_argument('--steps', type=int, default=50)
+  p.add_argument('--batch_sizes', default='1,8')
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--dtype', default=None)
+  p.add_argument('--quick', action='store_true', help='CPU-sized: tiny, 256 tokens')
+  args = p.parse_args()
+  if args.quick:
+    args.config, args.tokens, args.repeats = 'tiny', 256, 1
+  dtype = args.dtype or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  config = common.get_config(args.config, 'diffusion', dtype)
+  config.unlock()
+  config.max_length = args.tokens  # positions are RoPE: any length works
+  config.lock()
+  for batch in map(int, args.batch_sizes.split(',')):
+    tc = tokcom_seconds(config, batch, args.tokens, args.steps, args.repeats)
+    ar, backend = autoregressive_seconds(config, batch, args.tokens, args.repeats,
+                                         dtype)
+    common.emit({'bench': 'sampling', 'config': args.config, 'dtype': dtype,
+                 'batch': batch, 'tokens': args.tokens,
+                 'tokcom_steps': args.steps,
+                 'tokcom_tokens_per_sec': batch * args.tokens / tc,
+                 'autoregressive_tokens_per_sec': batch * args.tokens / ar,
+                 'tokcom_over_autoregressive': ar / tc,
+                 'autoregressive': backend, 'device': common.device_name()})
+
+
+if __name__ == '__main__':
+  main()
