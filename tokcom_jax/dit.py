@@ -67,7 +67,8 @@ class LatentFlowTransformer(nnx.Module):
   def body(self, h_BND: Array, cond_BD: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])
     for block in self.blocks:
-      h_BND = block(h_BND, cond_BD, positions_N)
+      h_BND = layers.constrain_batch(block(layers.constrain_batch(h_BND), cond_BD,
+                                           positions_N))
     return h_BND
 
   def __call__(self, x_t_BNZ: Array, t_B: Array) -> Array:

@@ -26,6 +26,24 @@ zeros_init = nnx.initializers.zeros_init()
 ones_init = nnx.initializers.ones_init()
 
 
+BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch is split over
+
+
+def constrain_batch(x: Array) -> Array:
+  """Keeps an activation split over the batch axes of the current mesh.
+
+  Without it XLA may split FSDP activations along their width to match the
+  parameters' sharding, and replicate others to get there. A no-op unless a mesh
+  with the batch axes is set (`jax.sharding.use_abstract_mesh`) and divides the batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
+
+
 def partitioned(init, *names: str | None):
   """An initializer whose parameter carries the logical axis `names`."""
   return nnx.with_partitioning(init, names, eager_sharding=False)
@@ -158,7 +176,7 @@ class Transformer(nnx.Module):
   def __call__(self, x_BTD: Array) -> Array:
     positions_T = jnp.arange(x_BTD.shape[1])
     for block in self.blocks:
-      x_BTD = block(x_BTD, positions_T)
+      x_BTD = constrain_batch(block(constrain_batch(x_BTD), positions_T))
     return self.final_norm(x_BTD)
 
 

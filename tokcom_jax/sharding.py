@@ -15,8 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tokcom_jax import layers
+
 MESH_AXES = ('data', 'fsdp')
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = layers.BATCH_AXES  # ('data', 'fsdp')
 
 # Logical parameter axis → mesh axis. FSDP shards the width (`embed`) of every
 # matrix; everything else is replicated. A `tensor` axis would map heads/mlp here.
@@ -63,6 +65,15 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
                      f' their product is {n}.')
   return jax.make_mesh((data, fsdp), MESH_AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def under_mesh(fn, mesh):
+  """fn, traced with `mesh` as the abstract mesh, so that the model's activation
+  constraints (`layers.constrain_batch`) apply."""
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -152,7 +152,8 @@ def make_train_step(loss: Callable, optimizer, state_shardings, mesh,
   """
   def step(state, tokens_BL, key, *frozen):
     rng = jax.random.fold_in(key, state['step'])
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+    (_, metrics), grads = jax.value_and_grad(sharding.under_mesh(loss, mesh),
+                                             has_aux=True)(
         state['params'], tokens_BL, rng, *frozen)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     metrics['grad_norm'] = optax.tree.norm(grads)
@@ -193,7 +194,8 @@ def make_eval_step(config, stage: str, graphdef, mesh, vae_graphdef=None) -> Cal
       out['mse'] = jnp.mean(jnp.stack([out[f'mse_t{t}'] for t in EVAL_TIMES]))
       out['loss'] = flow_cfg.ce_weight * out['ce'] + flow_cfg.mse_weight * out['mse']
       return out
-  return jax.jit(evaluate, out_shardings=sharding.replicated(mesh))
+  return jax.jit(sharding.under_mesh(evaluate, mesh),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def make_sample_step(config, stage: str, graphdef, mesh, vae_graphdef=None) -> Callable:
@@ -215,7 +217,8 @@ def make_sample_step(config, stage: str, graphdef, mesh, vae_graphdef=None) -> C
       x0 = flow.sample_noise(key, B_N_Z(tokens_BL), config.flow.noise_std)
       z = flow.euler_sample(nnx.merge(graphdef, params), x0, config.sample.steps)
       return jnp.argmax(nnx.merge(vae_graphdef, vae_params).decode(z), axis=-1)
-  return jax.jit(sample, out_shardings=sharding.replicated(mesh))
+  return jax.jit(sharding.under_mesh(sample, mesh),
+                 out_shardings=sharding.replicated(mesh))
 
 
 # ------------------------------------------------------------------------- logging
