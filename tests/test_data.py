@@ -97,3 +97,14 @@ def test_offline_hub_tokenizer_names_the_alternative(monkeypatch):
   with pytest.raises(data.DataError, match='configs/tiny.py') as e:
     data.load_tokenizer('meta-llama/CodeLlama-7b-hf')
   assert '\n' not in str(e.value)
+
+
+def test_tokenizer_in_a_remote_workdir_goes_through_epath(tmp_path, monkeypatch):
+  """gs:// workdirs: transformers writes locally; the files are copied via epath."""
+  monkeypatch.setattr(data, 'is_remote', lambda path: True)
+  texts = lambda: ['def f(x):\n    return x + 1\n'] * 50
+  saved = data.load_tokenizer('bpe:300', tmp_path / 'tok', texts)
+  assert (tmp_path / 'tok' / 'tokenizer.json').exists()
+  again = data.load_tokenizer('bpe:300', tmp_path / 'tok', lambda: [])  # no retraining
+  ids = saved('return x + 1')['input_ids']
+  assert again('return x + 1')['input_ids'] == ids and len(ids) > 1

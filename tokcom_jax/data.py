@@ -26,6 +26,7 @@ import urllib.parse
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 EOS = '<|endoftext|>'
@@ -172,8 +173,8 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
   stage 2 and the sampler all see the tokenizer the run was trained with.
   """
   from transformers import AutoTokenizer
-  if save_dir and os.path.exists(os.path.join(save_dir, 'tokenizer_config.json')):
-    return AutoTokenizer.from_pretrained(save_dir)
+  if save_dir and (epath.Path(save_dir) / 'tokenizer_config.json').exists():
+    return AutoTokenizer.from_pretrained(_local_dir(save_dir))
   if spec.startswith('bpe:'):
     try:
       vocab_size = int(spec[len('bpe:'):])
@@ -196,8 +197,36 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
   if tokenizer.pad_token_id is None:
     tokenizer.pad_token = tokenizer.eos_token
   if save_dir:
-    tokenizer.save_pretrained(save_dir)
+    _save_tokenizer(tokenizer, save_dir)
   return tokenizer
+
+
+def is_remote(path) -> bool:
+  """gs://… and other URLs: reached through etils.epath, not the local filesystem."""
+  return '://' in str(path)
+
+
+def _local_dir(path) -> str:
+  """A local directory with the files of `path` (a copy when it is remote)."""
+  if not is_remote(path):
+    return str(path)
+  local = pathlib.Path(tempfile.mkdtemp(prefix='tokcom_tokenizer_'))
+  for f in epath.Path(path).iterdir():
+    (local / f.name).write_bytes(f.read_bytes())
+  return str(local)
+
+
+def _save_tokenizer(tokenizer, save_dir) -> None:
+  if not is_remote(save_dir):
+    tokenizer.save_pretrained(str(save_dir))
+    return
+  # transformers writes local files only: save, then copy to the bucket.
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    dst = epath.Path(save_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in pathlib.Path(tmp).iterdir():
+      (dst / f.name).write_bytes(f.read_bytes())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -27,6 +27,7 @@ import time
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 NOISE_LEVELS = (0.0, 0.1, 0.3, 0.5, 1.0)
 
@@ -191,10 +192,16 @@ def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,
 
 
 def _read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return []
-  return [json.loads(l) for l in open(path) if l.strip()]
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _savefig(fig, path: epath.Path) -> str:
+  with path.open('wb') as f:  # local or gs://
+    fig.savefig(f, format='png', dpi=100)
+  return str(path)
 
 
 def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
@@ -204,8 +211,8 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  out_dir = os.path.join(workdir, 'plots')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(workdir) / 'plots'
+  out_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for stage, run in runs.items():
     rows = _read_metrics(run)
@@ -218,18 +225,16 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
         ax.plot(*zip(*pts), label=label, marker='o' if label == 'validation' else None)
     ax.set(xlabel='step', ylabel='loss', yscale='log', title=f'{stage}: {run}')
     ax.legend()
-    written.append(os.path.join(out_dir, f'{stage}_loss.png'))
     fig.tight_layout()
-    fig.savefig(written[-1], dpi=100)
+    written.append(_savefig(fig, out_dir / f'{stage}_loss.png'))
     plt.close(fig)
   if curve:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([float(s) for s in curve], list(curve.values()), marker='o')
     ax.set(xlabel='latent noise σ (× per-dimension std)', ylabel='token accuracy',
            ylim=(0, 1.02), title='decodability')
-    written.append(os.path.join(out_dir, 'decodability.png'))
     fig.tight_layout()
-    fig.savefig(written[-1], dpi=100)
+    written.append(_savefig(fig, out_dir / 'decodability.png'))
     plt.close(fig)
   return written
 
@@ -258,7 +263,8 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
   # Evenly spread over the split, not just its first documents.
   real = windows.get(np.linspace(0, windows.num_windows - 1, n).astype(np.int64))
   logging.info('evaluating %s on %d held-out windows', workdir, n)
-  result = {'workdir': os.path.abspath(workdir), 'num_windows': int(n)}
+  result = {'workdir': workdir if data.is_remote(workdir) else os.path.abspath(workdir),
+            'num_windows': int(n)}
   result.update(vae_metrics(model, real, batch_size, seed))
   samples = []
   if model.dit_params is not None:
@@ -270,14 +276,12 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
   if model.dit_params is not None:
     runs['diffusion'] = workdir
   result['plots'] = plot(workdir, runs, result['recon_token_accuracy_at_noise'])
-  tmp = os.path.join(workdir, 'eval.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, os.path.join(workdir, 'eval.json'))
+  out = epath.Path(workdir)
+  (out / 'eval.json.tmp').write_text(json.dumps(result, indent=2))
+  (out / 'eval.json.tmp').replace(out / 'eval.json')
   if samples:
-    with open(os.path.join(workdir, 'eval_samples.jsonl'), 'w') as f:
-      f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
-                   for i, t in enumerate(samples))
+    (out / 'eval_samples.jsonl').write_text(''.join(
+        json.dumps({'sample': i, 'text': t}) + '\n' for i, t in enumerate(samples)))
   return result
 
 

@@ -13,12 +13,12 @@ the number of Euler steps is a traced value, so changing it does not recompile.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from tokcom_jax import checkpoint, data, flow, sharding, train_lib
@@ -208,7 +208,7 @@ def load(workdir: str) -> TokCom:
   _, meta = checkpoint.read_meta(workdir)
   config = _config_from_meta(meta)
   tokenizer_dir = meta['tokenizer_dir']
-  if not os.path.exists(os.path.join(tokenizer_dir, 'tokenizer_config.json')):
+  if not (epath.Path(tokenizer_dir) / 'tokenizer_config.json').exists():
     raise checkpoint.CheckpointError(f'the tokenizer of {workdir} is missing from'
                                      f' {tokenizer_dir}.')
   tokenizer = data.load_tokenizer(config.tokenizer, tokenizer_dir)
