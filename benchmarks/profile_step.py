@@ -30,14 +30,17 @@ def main():
   p.add_argument('--trace_dir', default='/tmp/tokcom_profile')
   args = p.parse_args()
   config = common.get_config(args.config, args.stage, args.dtype)
-  train_step.jax_step(config, args.stage, 1, 1)  # compile outside the trace
+  one = train_step.build_step(config, args.stage)
+  one()  # compile outside the trace
   with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
-    train_step.jax_step(config, args.stage, args.steps, 0)
+    for _ in range(args.steps):
+      one()
   path = sorted(glob.glob(f'{args.trace_dir}/**/*.trace.json.gz', recursive=True))[-1]
   events = json.load(gzip.open(path))['traceEvents']
   totals, count = collections.Counter(), collections.Counter()
   for e in events:
-    if e.get('ph') == 'X' and 'dur' in e:
+    # Python frames are named "$file:line function"; the rest are XLA's own.
+    if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith('$'):
       totals[e['name']] += e['dur']
       count[e['name']] += 1
   for name, us in totals.most_common(args.top):

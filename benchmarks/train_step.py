@@ -25,6 +25,14 @@ from tokcom_jax import flops, sharding, train_lib
 
 def jax_step(config, stage: str, steps: int, warmup: int) -> float:
   """Seconds per train step of `stage`, random tokens, state donated as in training."""
+  one = build_step(config, stage)
+  for _ in range(warmup):
+    one()
+  return common.timed(one, steps)
+
+
+def build_step(config, stage: str):
+  """A function that runs one blocking train step of `stage` on random tokens."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   optimizer, _ = train_lib.make_optimizer(config, stage, 1000)
   graphdef, state = train_lib.init_state(config, stage, mesh, optimizer)
@@ -47,9 +55,7 @@ def jax_step(config, stage: str, steps: int, warmup: int) -> float:
   def one():
     box[0], metrics = step(box[0], tokens, key, *frozen)
     metrics['loss'].block_until_ready()
-  for _ in range(warmup):
-    one()
-  return common.timed(one, steps)
+  return one
 
 
 def torch_vae_step(config, steps: int, warmup: int, dtype: str):
