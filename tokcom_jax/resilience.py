@@ -2,7 +2,7 @@
 ends bit-identical to an uninterrupted run.
 
     python -m tokcom_jax.resilience --kills 3 --root /tmp/kill_test -- \\
-        --config configs/tiny.py:vae,num_steps=200,checkpoint_every=20,log_every=1
+        --config configs/tiny.py:vae,train.vae.num_steps=200,checkpoint_every=20,log_every=1
 
 Everything after `--` goes to train.py. The uninterrupted run goes to <root>/clean
 and the killed one to <root>/killed; the report (one JSON object) says where each
@@ -36,6 +36,13 @@ def logged_steps(workdir: str) -> int:
     except (json.JSONDecodeError, KeyError):
       pass  # a torn last line: exactly what a kill can leave
   return max(steps)
+
+
+def latest_checkpoint(workdir: str) -> int:
+  """The newest whole checkpoint's step (orbax names finished ones by number)."""
+  root = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+  return max(steps, default=0)
 
 
 def losses(workdir: str) -> dict[str, float]:
@@ -74,6 +81,7 @@ def run(train_args: list[str], root: str, kills: int, seed: int = 0,
     if start >= total - 1:
       break
     target = int(rng.integers(start + 1, total))
+    resume_step = latest_checkpoint(killed)
     proc = subprocess.Popen(cmd + [f'--workdir={killed}'], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
@@ -83,7 +91,7 @@ def run(train_args: list[str], root: str, kills: int, seed: int = 0,
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-    report['kills'].append({'resumed_at_or_after': start, 'killed_at': logged_steps(
+    report['kills'].append({'resumed_from': resume_step, 'killed_at': logged_steps(
         killed), 'exit': proc.returncode})
   subprocess.run(cmd + [f'--workdir={killed}'], check=True, timeout=timeout,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,7 +113,7 @@ def main(argv):
   if len(argv) < 2:
     from tokcom_jax.config_lib import ConfigError
     raise ConfigError('give train.py flags after --, e.g. -- --config'
-                      ' configs/tiny.py:vae,num_steps=200')
+                      ' configs/tiny.py:vae,train.vae.num_steps=200')
   report = run(argv[1:], F.root, F.kills, F.seed)
   print(json.dumps(report))
   sys.exit(0 if report['losses_identical'] and report['params_identical'] else 1)
