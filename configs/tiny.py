@@ -30,6 +30,6 @@ def get_config(arg: str | None = None):
                            eval_every=250, eval_batches=8))
   config.train.vae.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.train.diffusion.update(dict(epochs=0, num_steps=1500, lr=1e-3))
-  config.sample.update(dict(num_samples=2, sample_every=0))
+  config.sample.update(dict(num_samples=2, sample_every=1))  # at each stage's end
   config.wandb.update(dict(project='TokCom-tiny', mode='disabled'))
   return config_lib.finalize(config, arg, stages=config_lib.STAGES + ('all',))
