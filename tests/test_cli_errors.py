@@ -91,3 +91,11 @@ def test_verbose_shows_the_traceback(tmp_path):
   out = train('--config=configs/tiny.py:vae', '--config.max_length=66', '--verbose',
               f'--workdir={tmp_path}/run')
   assert out.returncode != 0 and 'Traceback' in out.stderr
+
+
+def test_memory_report_mesh_errors():
+  run = lambda mesh: subprocess.run(
+      [sys.executable, '-m', 'tokcom_jax.sharding', '--config=configs/tiny.py:vae',
+       f'--mesh={mesh}', '--no_compile'], capture_output=True, text=True, cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert_one_line_error(run('2by4'), 'write DATAxFSDP')

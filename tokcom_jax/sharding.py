@@ -168,21 +168,21 @@ def memory_report(config, mesh_shapes, compile: bool = True) -> list[dict]:
   return rows
 
 
-def _main(argv):
-  del argv
-  import json
-  from absl import flags
-  F = flags.FLAGS
-  shapes = [tuple(int(n) for n in m.split('x')) for m in F.mesh]
-  if max(d * f for d, f in shapes) > jax.device_count():
-    from tokcom_jax.config_lib import ConfigError
-    raise ConfigError(f'--mesh {",".join(F.mesh)} needs more than the'
-                      f' {jax.device_count()} devices there are.')
-  for row in memory_report(F.config, shapes, compile=not F.no_compile):
-    print(json.dumps(row), flush=True)
+def parse_mesh_shapes(specs: list[str]) -> list[tuple[int, int]]:
+  """['2x4', '8x1'] → [(2, 4), (8, 1)] (data x fsdp)."""
+  from tokcom_jax.config_lib import ConfigError
+  shapes = []
+  for spec in specs:
+    parts = spec.lower().split('x')
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise ConfigError(f'--mesh {spec!r}: write DATAxFSDP, e.g. 2x4.')
+    shapes.append((int(parts[0]), int(parts[1])))
+  return shapes
 
 
 if __name__ == '__main__':
+  import json
+
   from absl import flags
   from ml_collections import config_flags
 
@@ -193,11 +193,19 @@ if __name__ == '__main__':
   flags.mark_flag_as_required('config')
 
   def main(argv):
-    # Fake CPU devices for the largest mesh, set before JAX starts its backend.
-    shapes = [m.split('x') for m in flags.FLAGS.mesh]
-    need = max(int(d) * int(f) for d, f in shapes)
+    del argv
+    F = flags.FLAGS
+    shapes = parse_mesh_shapes(F.mesh)
+    need = max(d * f for d, f in shapes)
+    # Unless JAX_PLATFORMS says otherwise, fake as many CPU devices as the largest
+    # mesh needs; this must happen before JAX starts its backend.
     if os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu':
       jax.config.update('jax_platforms', 'cpu')
-      jax.config.update('jax_num_cpu_devices', max(need, 1))
-    return _main(argv)
+      jax.config.update('jax_num_cpu_devices', need)
+    if need > jax.device_count():
+      from tokcom_jax.config_lib import ConfigError
+      raise ConfigError(f'--mesh {",".join(F.mesh)} needs {need} devices; there are'
+                        f' {jax.device_count()}.')
+    for row in memory_report(F.config, shapes, compile=not F.no_compile):
+      print(json.dumps(row), flush=True)
   cli.run(main)
