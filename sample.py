@@ -10,7 +10,6 @@
 import glob
 import json
 import os
-import sys
 
 from absl import flags
 

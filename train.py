@@ -12,7 +12,7 @@ Multi-process off TPU: add --coordinator_address=host:port --num_processes=N
 import os
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from tokcom_jax import cli

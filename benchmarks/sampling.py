@@ -12,11 +12,12 @@ ratio to autoregressive decoding at that batch size.
 from __future__ import annotations
 
 import argparse
+import types
 
 import common
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx
 
 from tokcom_jax import flow, sampling, train_lib
 
@@ -24,15 +25,10 @@ from tokcom_jax import flow, sampling, train_lib
 def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
   """Seconds to generate `batch` texts of `tokens` tokens: noise → 50 Euler steps of
   the flow model → VAE decoder, argmax (random weights: the cost is the same)."""
-  vae = train_lib.build_model(config, 'vae')
-  dit = train_lib.build_model(config, 'diffusion')
-  from flax import nnx
-  model = sampling.TokCom.__new__(sampling.TokCom)  # no tokenizer needed here
-  model.config = config
-  model.vae_graphdef, model.vae_params = nnx.split(vae)
-  model.dit_graphdef, model.dit_params = nnx.split(dit)
-  model.vae_params = nnx.to_pure_dict(model.vae_params)
-  model.dit_params = nnx.to_pure_dict(model.dit_params)
+  params = lambda stage: nnx.to_pure_dict(nnx.state(train_lib.build_model(config,
+                                                                          stage)))
+  no_text = types.SimpleNamespace(eos_token_id=0)  # token ids only: no tokenizer
+  model = sampling.TokCom(config, no_text, params('vae'), params('diffusion'))
   N, Z = tokens // config.chunk_size, config.vae.latent_dim
   x0 = flow.sample_noise(jax.random.key(0), (batch, N, Z), config.flow.noise_std)
   mask, known = jnp.zeros((batch, N), bool), jnp.zeros((batch, N, Z))

@@ -17,7 +17,6 @@ import argparse
 
 import common  # noqa: F401  (sets sys.path)
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tokcom_jax import flops, sharding, train_lib

@@ -1,6 +1,7 @@
 """Small shared pieces for the tests: tiny model configs and a jitted fitting loop."""
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -41,3 +42,14 @@ def fit(model, loss_of_model, steps: int, lr: float):
     params, opt_state, value = step(params, opt_state)
     losses.append(float(value))
   return nnx.merge(graphdef, params, rest), losses
+
+
+def fit_tiny_vae(steps: int):
+  """A tiny ChunkVAE fitted to one batch of 4 random 32-token windows:
+  (model, tokens, mask, losses)."""
+  model = vae.ChunkVAE(tiny_vae_config(), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
+  mask = jnp.ones_like(tokens)
+  model, losses = fit(model, lambda m: vae.loss_fn(m, tokens, mask, None),
+                      steps=steps, lr=3e-3)
+  return model, tokens, mask, losses

@@ -7,7 +7,7 @@ from flax import nnx
 from configs import v52
 from tests import helpers
 from tests.test_vae import param_count, qwen2_stack_params
-from tokcom_jax import dit, flow, vae
+from tokcom_jax import dit, flow
 
 
 def test_shapes_and_zero_prediction_at_init():
@@ -50,11 +50,7 @@ def test_v52_parameter_count():
 
 
 def test_flow_model_fits_one_batch_through_the_frozen_decoder():
-  vae_model = vae.ChunkVAE(helpers.tiny_vae_config(), rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
-  mask = jnp.ones_like(tokens)
-  vae_model, _ = helpers.fit(
-      vae_model, lambda m: vae.loss_fn(m, tokens, mask, None), steps=150, lr=3e-3)
+  vae_model, tokens, mask, _ = helpers.fit_tiny_vae(steps=150)
   vae_before = jax.tree.map(jnp.copy, nnx.state(vae_model, nnx.Param))
 
   model = dit.LatentFlowTransformer(helpers.tiny_dit_config(), rngs=nnx.Rngs(1))

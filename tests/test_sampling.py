@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import tokcom_jax
-from tests import train_fixtures
-from tokcom_jax import sampling, train_lib
+from tokcom_jax import sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

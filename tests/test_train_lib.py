@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -102,11 +102,7 @@ def test_latent_perturbations_only_in_training():
 
 
 def test_vae_fits_one_batch():
-  model = vae.ChunkVAE(helpers.tiny_vae_config(), rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
-  mask = jnp.ones_like(tokens)
-  model, losses = helpers.fit(
-      model, lambda m: vae.loss_fn(m, tokens, mask, None), steps=200, lr=3e-3)
+  model, tokens, mask, losses = helpers.fit_tiny_vae(steps=200)
   assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
   metrics = vae.loss_fn(model, tokens, mask, None)[1]
   assert float(metrics['token_accuracy']) == 1.0

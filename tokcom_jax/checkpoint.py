@@ -115,12 +115,14 @@ def _short(error: Exception) -> str:
       type(error).__name__)
 
 
-def restore_latest_good(mngr: ocp.CheckpointManager, restore_fn, steps=None):
-  """(step, restore_fn(step)) of the newest checkpoint that reads back whole.
+def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
+                       move_damaged: bool = True):
+  """(step, restore_fn(step)) of the first of `steps` (default: newest first) that
+  reads back whole, with a warning naming each damaged one before it.
 
-  Damaged newer ones are moved aside with a warning naming them. When no
-  checkpoint reads (a changed model config, say), raises and moves nothing.
-  Returns (None, None) when there are no checkpoints.
+  Training moves damaged checkpoints aside (`move_damaged`) so that their steps can
+  be saved again; readers leave them be. When none reads (a changed model config,
+  say), raises and moves nothing. Returns (None, None) when there are no steps.
   """
   steps = sorted(mngr.all_steps(), reverse=True) if steps is None else steps
   damaged = []
@@ -131,10 +133,12 @@ def restore_latest_good(mngr: ocp.CheckpointManager, restore_fn, steps=None):
       damaged.append((step, e))
       continue
     for bad, error in damaged:
-      logging.warning('checkpoint step %d in %s is damaged (%s): moved to'
-                      ' damaged_checkpoints/, using step %d', bad, mngr.directory,
-                      _short(error), step)
-      _quarantine(mngr, bad)
+      logging.warning('checkpoint step %d in %s is damaged (%s): %s, using step %d',
+                      bad, mngr.directory, _short(error),
+                      'moved to damaged_checkpoints/' if move_damaged else 'skipped',
+                      step)
+      if move_damaged:
+        _quarantine(mngr, bad)
     return step, result
   if damaged:
     step, error = damaged[0]
@@ -207,17 +211,6 @@ def restore_params(workdir, abstract_params, step: int | None = None
     _check(restored['state'], meta, step)
     return restored['state']['params'], meta
 
-  if step is not None:
-    params, meta = read(step)
-  else:
-    # Readers never move anything: warn and use the next best.
-    for step in _steps_best_first(mngr):
-      try:
-        params, meta = read(step)
-        break
-      except Exception as e:  # noqa: BLE001
-        logging.warning('checkpoint step %d of %s cannot be read (%s); trying an'
-                        ' older one', step, workdir, _short(e))
-    else:
-      raise CheckpointError(f'no checkpoint of {workdir} can be read.')
+  steps = [step] if step is not None else _steps_best_first(mngr)
+  step, (params, meta) = restore_first_good(mngr, read, steps, move_damaged=False)
   return params, meta, step

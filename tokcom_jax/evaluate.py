@@ -160,7 +160,8 @@ def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
 def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,
                        batch_size: int, seed: int = 0) -> tuple[dict, list[str]]:
   """Statistics of `num_samples` generated windows against as many real ones."""
-  model.sample(min(batch_size, num_samples), steps=steps, seed=seed)  # compile
+  for B in {min(batch_size, num_samples), num_samples % batch_size} - {0}:
+    model.sample(B, steps=steps, seed=seed)  # compile every batch shape untimed
   start = time.perf_counter()
   latents, tokens = model.sample(num_samples, steps=steps, seed=seed,
                                  batch_size=batch_size)

@@ -88,16 +88,15 @@ def opt_state_shardings(optimizer, params, mesh):
 
 def init_state(config, stage: str, mesh, optimizer):
   """A fresh train state, initialised directly into its shardings."""
-  graphdef, abstract = abstract_params(config, stage, mesh)
+  graphdef, abstract = abstract_state(config, stage, mesh, optimizer)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
 
   def init():
     return nnx.to_pure_dict(nnx.state(build_model(config, stage, config.seed)))
 
-  params = jax.jit(init, out_shardings=shardings)()
-  opt_state = jax.jit(optimizer.init, out_shardings=opt_state_shardings(
-      optimizer, abstract, mesh))(params)
-  step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+  params = jax.jit(init, out_shardings=shardings['params'])()
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings['opt_state'])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings['step'])
   return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
 
 
@@ -450,7 +449,7 @@ class Trainer:
     return {f'eval/{k}': float(v) / tc.eval_batches for k, v in totals.items()}
 
   def _restore(self) -> int:
-    step, restored = checkpoint.restore_latest_good(
+    step, restored = checkpoint.restore_first_good(
         self.ckpt, lambda step: checkpoint.restore(self.ckpt, step, self.state))
     if step is None:
       return 0
