@@ -321,8 +321,16 @@ def train_indices(step: int, seed: int, num_windows: int, global_batch: int
   """
   steps_per_epoch = num_windows // global_batch
   epoch, offset = divmod(step, steps_per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_windows)
+  order = _epoch_order(seed, epoch, num_windows)
   return order[offset * global_batch:(offset + 1) * global_batch]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+  """One permutation per epoch, computed once rather than at every step."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_windows)
+  order.flags.writeable = False
+  return order
 
 
 def eval_indices(batch: int, num_windows: int, global_batch: int) -> np.ndarray:
