@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tokcom_jax
-from tokcom_jax import sampling
+from tokcom_jax import decoding, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,11 +65,11 @@ def test_repeated_calls_do_not_recompile(runs):
 def test_token_choice():
   logits = jnp.log(jnp.array([[[0.5, 0.3, 0.15, 0.05]]]))
   key = jax.random.key(0)
-  assert int(sampling.choose_tokens(logits, key)[0, 0]) == 0
-  draws = jax.vmap(lambda k: sampling.choose_tokens(logits, k, 1.0, top_k=2))(
+  assert int(decoding.choose_tokens(logits, key)[0, 0]) == 0
+  draws = jax.vmap(lambda k: decoding.choose_tokens(logits, k, 1.0, top_k=2))(
       jax.random.split(key, 2000))
   assert set(np.unique(draws).tolist()) == {0, 1}
-  draws = jax.vmap(lambda k: sampling.choose_tokens(logits, k, 1.0, top_p=0.7))(
+  draws = jax.vmap(lambda k: decoding.choose_tokens(logits, k, 1.0, top_p=0.7))(
       jax.random.split(key, 2000))
   assert set(np.unique(draws).tolist()) == {0, 1}  # 0.5 < 0.7 ≤ 0.8
 
