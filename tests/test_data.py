@@ -108,3 +108,30 @@ def test_tokenizer_in_a_remote_workdir_goes_through_epath(tmp_path, monkeypatch)
   again = data.load_tokenizer('bpe:300', tmp_path / 'tok', lambda: [])  # no retraining
   ids = saved('return x + 1')['input_ids']
   assert again('return x + 1')['input_ids'] == ids and len(ids) > 1
+
+
+def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
+  """The split of a `files:` source hashes paths relative to the glob's fixed
+  prefix: a copy of the corpus elsewhere holds out the same documents."""
+  docs = {f'pkg{i % 3}/mod{i}.py': f'def f{i}(x):\n    return x * {i}\n' * 5
+          for i in range(120)}
+  streams, splits = [], []
+  for root in (tmp_path / 'a', tmp_path / 'deeper' / 'copy' / 'b'):
+    for name, text in docs.items():
+      (root / name).parent.mkdir(parents=True, exist_ok=True)
+      (root / name).write_text(text)
+    source = f'files:{root}/**/*.py'
+    splits.append([list(data.iter_documents(source, split))
+                   for split in ('train', 'validation')])
+  assert splits[0] == splits[1]
+  train, validation = splits[0]
+  assert 1 <= len(validation) < 12 and len(train) + len(validation) == 120
+  # The held-out documents are those whose relative names hash into the split.
+  expected = data.validation_names(sorted(docs))
+  assert sorted(validation) == sorted(docs[n] for n in expected)
+  tok = data.train_bpe(train, vocab_size=300)
+  for root in (tmp_path / 'a', tmp_path / 'deeper' / 'copy' / 'b'):
+    streams.append(np.asarray(data.load_token_stream(
+        f'files:{root}/**/*.py', 'validation', tok, tmp_path / 'cache')))
+  np.testing.assert_array_equal(streams[0], streams[1])
+  assert streams[0].size > 0

@@ -64,9 +64,24 @@ def stdlib_files() -> list[pathlib.Path]:
                 if not skip & set(p.relative_to(root).parts))
 
 
-def _read_files(paths: Iterable[pathlib.Path], root: pathlib.Path | None, split: str
+def glob_root(pattern: str) -> pathlib.Path:
+  """The directories of a glob before its first wildcard: `/data/py/**/*.py` →
+  `/data/py`. Files are named relative to it, so that the validation split does not
+  depend on where the corpus lives."""
+  parts = pathlib.PurePath(pattern).parts
+  fixed = []
+  for part in parts[:-1]:
+    if globlib.has_magic(part):
+      break
+    fixed.append(part)
+  return pathlib.Path(*fixed) if fixed else pathlib.Path('.')
+
+
+def _read_files(paths: Iterable[pathlib.Path], root: pathlib.Path, split: str
                 ) -> Iterator[str]:
-  named = [(str(p.relative_to(root)) if root else str(p), p) for p in paths]
+  # Names relative to the corpus root (a POSIX path): the split is the same on any
+  # machine and wherever the corpus is copied.
+  named = [(p.relative_to(root).as_posix(), p) for p in paths]
   validation = validation_names([name for name, _ in named])
   for name, path in named:
     if (name in validation) != (split == 'validation'):
@@ -90,7 +105,7 @@ def iter_documents(source: str, split: str, text_column: str = 'text',
     if not paths:
       raise DataError(f'data source {source!r} matches no files: check the glob'
                       ' (quote it so the shell does not expand it).')
-    yield from _read_files(paths, None, split)
+    yield from _read_files(paths, glob_root(pattern), split)
   elif source.startswith('hf:'):
     yield from _hf_documents(source, hf_split or split, text_column)
   elif source.startswith('tfds:'):
