@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import flow, sampling, train_lib
+from tokcom_jax import flow, sampling, stages
 
 
 def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
   """Seconds to generate `batch` texts of `tokens` tokens: noise → 50 Euler steps of
   the flow model → VAE decoder, argmax (random weights: the cost is the same)."""
-  params = lambda stage: nnx.to_pure_dict(nnx.state(train_lib.build_model(config,
-                                                                          stage)))
+  params = lambda stage: nnx.to_pure_dict(nnx.state(
+      stages.get(config, stage).build(nnx.Rngs(0))))
   no_text = types.SimpleNamespace(eos_token_id=0)  # token ids only: no tokenizer
   model = sampling.TokCom(config, no_text, params('vae'), params('diffusion'))
   N, Z = tokens // config.chunk_size, config.vae.latent_dim

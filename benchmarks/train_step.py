@@ -19,7 +19,7 @@ import common  # noqa: F401  (sets sys.path)
 import jax
 import numpy as np
 
-from tokcom_jax import flops, sharding, train_lib
+from tokcom_jax import flops, sharding, stages, steps, train_state
 
 
 def jax_step(config, stage: str, steps: int, warmup: int) -> float:
@@ -30,20 +30,19 @@ def jax_step(config, stage: str, steps: int, warmup: int) -> float:
   return common.timed(one, steps)
 
 
-def build_step(config, stage: str):
-  """A function that runs one blocking train step of `stage` on random tokens."""
+def build_step(config, stage_name: str):
+  """A function that runs one blocking train step of a stage on random tokens (the
+  stage's frozen models, if any, randomly initialised: the cost is the same)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  optimizer, _ = train_lib.make_optimizer(config, stage, 1000)
-  graphdef, state = train_lib.init_state(config, stage, mesh, optimizer)
-  frozen, frozen_shardings, vae_graphdef = (), (), None
-  if stage == 'diffusion':
-    vae_graphdef, vae_state = train_lib.init_state(
-        config, 'vae', mesh, optimizer)
-    frozen = (vae_state['params'],)
-    frozen_shardings = (jax.tree.map(lambda x: x.sharding, frozen[0]),)
-  step = train_lib.make_train_step(
-      train_lib.stage_loss(config, stage, graphdef, vae_graphdef), optimizer,
-      jax.tree.map(lambda x: x.sharding, state), mesh, frozen_shardings)
+  stage = stages.get(config, stage_name)
+  optimizer, _ = train_state.make_optimizer(config.train, 1e-4, 1000)
+  graphdef, state = train_state.init_state(stage.build, mesh, optimizer, 0)
+  frozen_models = stage.frozen()
+  frozen = {name: train_state.init_state(f.build, mesh, optimizer, 1)[1]['params']
+            for name, f in frozen_models.items()}
+  step = steps.make_train_step(
+      stage, graphdef, train_state.frozen_graphdefs(frozen_models), optimizer,
+      steps.shardings_of(state), steps.shardings_of(frozen), mesh)
   B, L = config.train.batch_size, config.max_length
   tokens = jax.device_put(
       np.random.default_rng(0).integers(0, config.vocab_size, (B, L), np.int32),
@@ -52,7 +51,7 @@ def build_step(config, stage: str):
   box = [state]
 
   def one():
-    box[0], metrics = step(box[0], tokens, key, *frozen)
+    box[0], metrics = step(box[0], tokens, key, frozen)
     metrics['loss'].block_until_ready()
   return one
 
@@ -137,7 +136,7 @@ def main():
       config = common.get_config(name, stage, dtype, args.batch_size)
       seconds = jax_step(config, stage, args.steps, args.warmup)
       tokens = flops.tokens_per_step(config)
-      model_flops = flops.train_step_flops(config, stage)
+      model_flops = stages.get(config, stage).train_flops(config.train.batch_size)
       row = {'bench': 'train_step', 'framework': 'jax', 'config': name,
              'stage': stage, 'dtype': dtype, 'batch': config.train.batch_size,
              'seq_len': config.max_length, 'step_ms': 1e3 * seconds,

@@ -3,6 +3,7 @@
     python train.py --config configs/tiny.py:all     # both stages into runs/tiny/
     python train.py --config configs/tiny.py:vae
     python train.py --config configs/tiny.py:diffusion
+    python train.py --config configs/tiny.py:ar        # the autoregressive baseline
 
 Corpus: the running Python's standard-library sources. Tokenizer: a 1024-token
 byte-level BPE trained on them and saved inside the run. 64-token windows, 16 latents.
@@ -25,11 +26,15 @@ def get_config(arg: str | None = None):
   config.dit.update(dict(
       hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
       intermediate_size=384))
+  config.ar.update(dict(  # the flow model's size: the baseline at equal parameters
+      hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+      intermediate_size=384, rope_theta=10_000.0, tie_embeddings=False))
   config.vae_workdir = 'runs/tiny/vae'
   config.train.update(dict(batch_size=32, warmup_steps=50, log_every=50,
                            eval_every=250, eval_batches=8))
   config.train.vae.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.train.diffusion.update(dict(epochs=0, num_steps=1500, lr=1e-3))
+  config.train.ar.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.sample.update(dict(num_samples=2, sample_every=1))  # at each stage's end
   config.wandb.update(dict(project='TokCom-tiny', mode='disabled'))
   return config_lib.finalize(config, arg, stages=config_lib.STAGES + ('all',))

@@ -2,6 +2,7 @@
 
     python train.py --config configs/v52.py:vae
     python train.py --config configs/v52.py:diffusion
+    python train.py --config configs/v52.py:ar         # Qwen2-0.5B-shaped baseline
     python train.py --config configs/v52.py:vae,batch_size=16
 
 Shapes: max_length 1024, chunk_size 4 (256 latents per sequence), hidden 896,

@@ -95,7 +95,7 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 def test_memory_report_mesh_errors():
   run = lambda mesh: subprocess.run(
-      [sys.executable, '-m', 'tokcom_jax.sharding', '--config=configs/tiny.py:vae',
+      [sys.executable, '-m', 'tokcom_jax.memory', '--config=configs/tiny.py:vae',
        f'--mesh={mesh}', '--no_compile'], capture_output=True, text=True, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert_one_line_error(run('2by4'), 'write DATAxFSDP')

@@ -3,7 +3,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tokcom_jax import flops, train_lib
+from tokcom_jax import flops, stages
 
 
 def one_layer(**extra):
@@ -28,13 +28,13 @@ def test_one_layer_hand_count():
   # from_latent 2·8·32 per chunk, the unembedding 2·32·384 per token.
   decoder = 20 * per_token + 4 * 1600 + 4 * 512 + 16 * 2 * 32 * 384
   assert flops.vae_forward(config, 2) == {'encoder': encoder, 'decoder': decoder}
-  assert flops.train_step_flops(config, 'vae', 2) == 3 * (encoder + decoder) == 3220224
+  assert stages.get(config, 'vae').train_flops(2) == 3 * (encoder + decoder) == 3220224
   # Flow transformer: 2 × 2 latents, full attention 4·2²·32 per sequence, in/out
   # projections, and per sample the timestep MLP and two adaLN modulations.
   dit = (4 * per_token + 2 * 512 + 4 * 2 * (8 * 32 + 32 * 8)
          + 2 * (2 * (32 * 32 + 32 * 32) + 2 * 32 * 192 + 2 * 32 * 64))
   assert flops.dit_forward(config, 2) == dit == 119808
-  assert flops.train_step_flops(config, 'diffusion', 2) == (
+  assert stages.get(config, 'diffusion').train_flops(2) == (
       3 * dit + encoder + 2 * decoder)
 
 
@@ -47,14 +47,14 @@ def test_count_agrees_with_xla(stage):
                         'vae.decoder_causal': False, 'dit.hidden_size': 256,
                         'dit.intermediate_size': 768, 'dit.num_heads': 4,
                         'max_length': 64})
-  vae_model = train_lib.build_model(config, 'vae')
+  vae_model = stages.get(config, 'vae').build(nnx.Rngs(0))
   if stage == 'vae':
     fn = lambda m, tokens: m.decode(m.encode(tokens)[0])
     args = (vae_model, jnp.zeros((2, 64), jnp.int32))
     ours = sum(flops.vae_forward(config, 2).values())
   else:
     fn = lambda m, x, t: m(x, t)
-    args = (train_lib.build_model(config, 'diffusion'), jnp.zeros((2, 16, 8)),
+    args = (stages.get(config, 'diffusion').build(nnx.Rngs(0)), jnp.zeros((2, 16, 8)),
             jnp.zeros((2,)))
     ours = flops.dit_forward(config, 2)
   xla = nnx.jit(fn).lower(*args).compile().cost_analysis()['flops']

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests import train_fixtures
-from tokcom_jax import checkpoint, train_lib
+from tokcom_jax import checkpoint, train_lib, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'train.py')
@@ -86,7 +86,7 @@ def test_two_processes_match_one_process_and_share_checkpoints(
   config = train_fixtures.micro_config(*corpus)
   trainer = train_lib.Trainer(config, two)
   assert trainer._restore() == 8  # fingerprints checked on the way in
-  graphdef, abstract = train_lib.abstract_params(config, 'vae', trainer.mesh)
+  graphdef, abstract = train_state.abstract_params(trainer.stage.build, trainer.mesh)
   four, _, _ = checkpoint.restore_params(four_device_run, abstract, step=8)
   # Parameters are ~0.02 in size; reduction order moves a few by ~1e-6.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -102,7 +102,7 @@ def test_two_processes_match_one_process_and_share_checkpoints(
 def test_fsdp_divides_state_bytes_per_device():
   """The memory report on 8 fake CPU devices: (8 data), (8 fsdp), (2 data x 4 fsdp)."""
   out = subprocess.run(
-      [sys.executable, '-m', 'tokcom_jax.sharding',
+      [sys.executable, '-m', 'tokcom_jax.memory',
        f'--config={os.path.join(REPO, "configs", "tiny.py")}:diffusion',
        '--mesh=8x1,1x8,2x4'], capture_output=True, text=True, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))

@@ -81,14 +81,14 @@ def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_pat
   config = train_fixtures.micro_config(*corpus, stage='diffusion',
                                        vae_workdir=vae_run, sample_every=1)
   trainer = train_lib.Trainer(config, str(tmp_path / 'diffusion'))
-  before = jax.tree.map(np.asarray, trainer.frozen[0])
+  before = jax.tree.map(np.asarray, trainer.frozen['vae'])
   trainer.run()
   on_disk, _, _ = checkpoint.restore_params(
       vae_run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding),
-                            trainer.frozen[0]))
+                            trainer.frozen['vae']))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray,
-                                                                   trainer.frozen[0]))
+                                                                   trainer.frozen['vae']))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, on_disk))
   l = losses(tmp_path / 'diffusion')
   assert sorted(l) == list(range(1, 9))

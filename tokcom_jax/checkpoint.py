@@ -25,11 +25,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from tokcom_jax.errors import CheckpointError
+
 BEST_METRIC = 'eval/loss'
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that is missing or cannot be used; the message says which."""
 
 
 def checkpoint_dir(workdir) -> epath.Path:

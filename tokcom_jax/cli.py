@@ -4,19 +4,9 @@ import sys
 
 from absl import app, flags, logging
 
-from tokcom_jax.checkpoint import CheckpointError
-from tokcom_jax.config_lib import ConfigError
-from tokcom_jax.data import DataError
+from tokcom_jax.errors import TokcomError
 
 flags.DEFINE_bool('verbose', False, 'Show the full traceback of user errors.')
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-
-
-def _user_errors():
-  from tokcom_jax.sampling import SamplingError
-  from tokcom_jax.train_lib import TrainingError
-  return USER_ERRORS + (TrainingError, SamplingError)
 
 
 def run(main):
@@ -27,7 +17,7 @@ def run(main):
       logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
-    except _user_errors() as e:
+    except TokcomError as e:
       if flags.FLAGS.verbose:
         raise
       print(f'error: {e}', file=sys.stderr)
@@ -43,7 +33,7 @@ def _parse_flags(argv):
     cause = e
     while cause.__cause__ is not None or cause.__context__ is not None:
       cause = cause.__cause__ or cause.__context__
-    message = str(cause) if isinstance(cause, _user_errors()) else str(e)
+    message = str(cause) if isinstance(cause, TokcomError) else str(e)
     if '--verbose' in argv:
       raise
     print(f'error: {message.strip().splitlines()[-1]}', file=sys.stderr)

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ('vae', 'diffusion')
+from tokcom_jax.errors import ConfigError
 
-
-class ConfigError(ValueError):
-  """A config a user wrote that cannot run; the message says what to change."""
+STAGES = ('vae', 'diffusion', 'ar')  # each has a file in tokcom_jax/stages/
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,6 +48,12 @@ def base_config() -> ml_collections.ConfigDict:
       ce_weight=1.0, mse_weight=1.0))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
+  # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.
+  c.ar = ml_collections.ConfigDict(dict(
+      hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+      intermediate_size=4864, rope_theta=1_000_000.0, rms_eps=1e-6,
+      tie_embeddings=True))
+
   # Optimisation. Per-stage length and learning rate; the rest is shared.
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8, grad_accum=1, warmup_steps=100, weight_decay=0.01,
@@ -57,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batches=16, checkpoint_every=0, keep_checkpoints=3,
       max_nan_steps=5,
       vae=dict(epochs=5, num_steps=0, lr=1e-4),
-      diffusion=dict(epochs=10, num_steps=0, lr=3e-5)))
+      diffusion=dict(epochs=10, num_steps=0, lr=3e-5),
+      ar=dict(epochs=10, num_steps=0, lr=1e-4)))
 
   c.sample = ml_collections.ConfigDict(dict(steps=50, num_samples=2, sample_every=1))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
@@ -131,7 +136,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.max_length % config.chunk_size:
     raise ConfigError(f'max_length {config.max_length} is not divisible by chunk_size'
                       f' {config.chunk_size}: make it a multiple.')
-  for name in ('vae', 'dit'):
+  for name in ('vae', 'dit', 'ar'):
     m = config[name]
     if m.hidden_size % m.num_heads:
       raise ConfigError(f'{name}.hidden_size {m.hidden_size} is not divisible by'

@@ -29,16 +29,14 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from tokcom_jax.errors import ConfigError, DataError
+
 EOS = '<|endoftext|>'
 PAD = '<pad>'
 VAL_PER_MILLE = 20  # documents hashed into [0, 20) of 1000 are validation (2%)
 OFFLINE_HINT = ('if the hub cannot be reached, run offline with'
                 ' `--config configs/tiny.py` (stdlib corpus, BPE tokenizer) or'
                 ' `--config.tokenizer=bpe:8192 --config.data.source=stdlib`.')
-
-
-class DataError(ValueError):
-  """Input data a user supplied that cannot be used; the message says what to do."""
 
 
 # ----------------------------------------------------------------------------- sources
@@ -366,3 +364,44 @@ def check_enough(windows: Windows, global_batch: int, split: str, source: str):
   if windows.num_windows == 0:
     raise DataError(f'the {split} split of {source!r} is shorter than one window of'
                     f' {windows.length} tokens: use more text.')
+
+
+# ------------------------------------------------------------------------- a run's data
+
+
+def run_tokenizer(config, save_dir):
+  """The run's tokenizer: loaded from `save_dir`, or made (a BPE trained on the
+  training split) by process 0 and saved there for the others and for the sampler."""
+  import jax
+  from jax.experimental import multihost_utils
+  c = config
+  texts = lambda: iter_documents(c.data.source, 'train', c.data.text_column,
+                                 c.data.train_split)
+  if jax.process_index() == 0:
+    tokenizer = load_tokenizer(c.tokenizer, save_dir, texts)
+  if jax.process_count() > 1:  # the others read what process 0 trained and saved
+    multihost_utils.sync_global_devices('tokenizer')
+    if jax.process_index() != 0:
+      tokenizer = load_tokenizer(c.tokenizer, save_dir, texts)
+  if len(tokenizer) > c.vocab_size:
+    raise ConfigError(f'the tokenizer has {len(tokenizer)} tokens but vocab_size is'
+                      f' {c.vocab_size}: set --config.vocab_size={len(tokenizer)} or'
+                      ' more.')
+  return tokenizer
+
+
+def load_splits(config, tokenizer, global_batch: int) -> tuple[Windows, Windows]:
+  """(train, validation) windows of `config.max_length` tokens, checked to be big
+  enough for a batch."""
+  c = config
+  windows = []
+  for split, hf_split in (('train', c.data.train_split),
+                          ('validation', c.data.val_split)):
+    stream = load_token_stream(c.data.source, split, tokenizer, c.data.cache_dir or None,
+                               c.data.text_column, hf_split)
+    w = Windows(stream, c.max_length)
+    check_enough(w, global_batch, split, c.data.source)
+    windows.append(w)
+  logging.info('data: %d train / %d validation windows of %d tokens',
+               windows[0].num_windows, windows[1].num_windows, c.max_length)
+  return windows[0], windows[1]

@@ -66,35 +66,23 @@ def vae_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
 
 def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
                  ) -> dict:
-  """Stage-2 CE and MSE on held-out windows at the training run's eval times."""
+  """Stage-2 CE and MSE on held-out windows at fixed t: the eval step that training
+  runs (`tokcom_jax.steps`), over these windows."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from tokcom_jax import flow, train_lib
+  from tokcom_jax import sharding, stages, steps
+  from tokcom_jax.stages.flow import EVAL_TIMES
 
-  cfg = flow.FlowConfig.from_config(model.config)
-
-  @jax.jit
-  def losses(dit_params, vae_params, tokens_BL, key, t):
-    t_B = jnp.full((tokens_BL.shape[0],), t)
-    _, m = flow.diffusion_loss_fn(
-        nnx.merge(model.dit_graphdef, dit_params),
-        nnx.merge(model.vae_graphdef, vae_params), tokens_BL,
-        jnp.ones_like(tokens_BL), key, cfg, t_B)
-    return m['ce'] * tokens_BL.shape[0], m['mse'] * tokens_BL.shape[0]
-
-  out = {'val_ce': {}, 'val_mse': {}}
-  for t in train_lib.EVAL_TIMES:
-    ce = mse = 0.0
-    for i, s in enumerate(_batches(len(windows_BL), batch_size)):
-      key = jax.random.fold_in(jax.random.key(seed), i)
-      c, m = losses(model.dit_params, model.vae_params, jnp.asarray(windows_BL[s]),
-                    key, t)
-      ce, mse = ce + float(c), mse + float(m)
-    out['val_ce'][str(t)] = ce / len(windows_BL)
-    out['val_mse'][str(t)] = mse / len(windows_BL)
-  return out
+  stage = stages.get(model.config, 'diffusion')
+  eval_step = steps.make_eval_step(stage, model.dit_graphdef,
+                                   {'vae': model.vae_graphdef}, sharding.make_mesh(-1, 1))
+  batches = ((jnp.asarray(windows_BL[s]), jax.random.fold_in(jax.random.key(seed), i))
+             for i, s in enumerate(_batches(len(windows_BL), batch_size)))
+  ev = steps.evaluate_batches(eval_step, model.dit_params, {'vae': model.vae_params},
+                              batches)
+  return {'val_ce': {str(t): ev[f'ce_t{t}'] for t in EVAL_TIMES},
+          'val_mse': {str(t): ev[f'mse_t{t}'] for t in EVAL_TIMES}}
 
 
 def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,

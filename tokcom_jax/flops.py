@@ -1,5 +1,8 @@
 """Model FLOPs of a training step, counted the MaxText way, and peak FLOP/s.
 
+The counts are per model; each stage (`tokcom_jax.stages`) says which of them one of
+its training steps runs, and how often (`Stage.train_flops`).
+
 Counted: every learnable-weight matmul (2 FLOPs per multiply-add) and attention's
 scores and values (halved when causal), forward once and backward twice (×3 in all).
 Stage 2 trains the flow transformer (×3); the frozen VAE encoder runs forward only
@@ -81,13 +84,12 @@ def dit_forward(config, batch: int) -> int:
           + batch * N * 2 * (Z * D + D * Z) + batch * per_sample)
 
 
-def train_step_flops(config, stage: str, batch: int | None = None) -> int:
-  """Model FLOPs of one training step of `stage` on the global batch."""
-  batch = batch or config.train.batch_size
-  vae = vae_forward(config, batch)
-  if stage == 'vae':
-    return 3 * (vae['encoder'] + vae['decoder'])
-  return 3 * dit_forward(config, batch) + vae['encoder'] + 2 * vae['decoder']
+def lm_forward(config, batch: int) -> int:
+  """Forward FLOPs of the autoregressive LM on [batch, max_length] tokens: the causal
+  stack and the unembedding (the embedding lookup is free)."""
+  a, L = config.ar, config.max_length
+  return (_stack(a, a.num_layers, True).forward(batch, L)
+          + batch * L * 2 * a.hidden_size * config.vocab_size)
 
 
 def tokens_per_step(config, batch: int | None = None) -> int:

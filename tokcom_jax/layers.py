@@ -7,6 +7,14 @@ Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`,
 `kv_heads`, `head_dim`, `latent`, `modulation`, `freq`); `tokcom_jax.sharding` maps
 them onto mesh axes. Eager sharding is off: placement is decided once, by the caller
 that jits the initialisation with explicit output shardings.
+
+KV cache (autoregressive decoding, `decode` methods): one dict per layer,
+`{'k': [B, S, K, H], 'v': [B, S, K, H]}` in the compute dtype, S the length of the
+whole token buffer. Slot s holds the RoPE-rotated key and the value of the token at
+absolute position s. A `decode` call takes T new tokens at absolute positions
+`index .. index+T-1` (T = S for a prefill from 0, T = 1 per step after), writes their
+k/v into those slots and lets query position p attend to slots s <= p. Slots past
+the newest token may hold anything (zeros, padding): the mask never reads them.
 """
 
 from __future__ import annotations
@@ -130,15 +138,42 @@ class Attention(nnx.Module):
         kernel_init=partitioned(default_init, 'heads', 'head_dim', 'embed'),
         rngs=rngs)
 
-  def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
+  def qkv(self, x_BTD: Array, positions_T: Array) -> tuple[Array, Array, Array]:
+    """Queries and keys rotated for their absolute positions, and values."""
     theta = self.cfg.rope_theta
     q_BTNH = apply_rope(self.query(x_BTD), positions_T, theta)
     k_BTKH = apply_rope(self.key(x_BTD), positions_T, theta)
-    v_BTKH = self.value(x_BTD)
+    return q_BTNH, k_BTKH, self.value(x_BTD)
+
+  def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
+    q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_T)
     # cuDNN flash attention on GPU, XLA elsewhere; grouped heads are native.
     o_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, is_causal=self.cfg.causal)
     return self.out(o_BTNH)
+
+  def decode(self, x_BTD: Array, cache: dict[str, Array], index: Array,
+             ) -> tuple[Array, dict[str, Array]]:
+    """Causal attention of T new tokens at positions index.. over a KV cache.
+
+    Writes the new keys/values into slots index..index+T-1 of `cache` (layout in the
+    module docstring) and returns (output [B, T, D], updated cache). `index` may be
+    traced, so one compiled step serves every position. Always causal: a cache only
+    makes sense for a causal stack.
+    """
+    T, S = x_BTD.shape[1], cache['k'].shape[1]
+    positions_T = index + jnp.arange(T, dtype=jnp.int32)  # absolute, for RoPE too
+    q_BTNH, k_BTKH, v_BTKH = self.qkv(x_BTD, positions_T)
+    k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+        cache['k'], k_BTKH.astype(cache['k'].dtype), index, axis=1)
+    v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+        cache['v'], v_BTKH.astype(cache['v'].dtype), index, axis=1)
+    # Query at position p sees slots s <= p: the causal mask, shifted by `index`.
+    mask_TS = jnp.arange(S, dtype=jnp.int32)[None, :] <= positions_T[:, None]
+    o_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
+        mask=mask_TS[None, None])
+    return self.out(o_BTNH), {'k': k_BSKH, 'v': v_BSKH}
 
 
 class SwiGLU(nnx.Module):
@@ -165,6 +200,13 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_T)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
+  def decode(self, x_BTD: Array, cache: dict[str, Array], index: Array,
+             ) -> tuple[Array, dict[str, Array]]:
+    """`__call__` for T new tokens at positions index.., attending over `cache`."""
+    a_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), cache, index)
+    x_BTD = x_BTD + a_BTD
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
+
 
 class Transformer(nnx.Module):
   """A stack of `Block`s followed by a final RMSNorm (a Qwen2 body without embeddings)."""
@@ -178,6 +220,28 @@ class Transformer(nnx.Module):
     for block in self.blocks:
       x_BTD = constrain_batch(block(constrain_batch(x_BTD), positions_T))
     return self.final_norm(x_BTD)
+
+  def init_cache(self, batch: int, length: int) -> list[dict[str, Array]]:
+    """An empty KV cache for `batch` sequences of up to `length` tokens, per layer."""
+    cfg = self.blocks[0].attn.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return [{'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
+            for _ in self.blocks]
+
+  def decode(self, x_BTD: Array, caches: list[dict[str, Array]], index: Array,
+             ) -> tuple[Array, list[dict[str, Array]]]:
+    """The causal stack on T new tokens at absolute positions index..index+T-1.
+
+    Equals `__call__` of a causal stack on the whole prefix, restricted to the new
+    positions, given caches that hold the earlier positions; returns the updated
+    caches (one per layer) with the new positions' keys and values written in.
+    """
+    new_caches = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x_BTD, cache = block.decode(constrain_batch(x_BTD), cache, index)
+      x_BTD = constrain_batch(x_BTD)
+      new_caches.append(cache)
+    return self.final_norm(x_BTD), new_caches
 
 
 def modulate(x_BTD: Array, shift_BD: Array, scale_BD: Array) -> Array:

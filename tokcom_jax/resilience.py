@@ -57,13 +57,14 @@ def losses(workdir: str) -> dict[str, float]:
 
 
 def final_params(workdir: str):
-  from tokcom_jax import checkpoint, sharding, train_lib
+  import ml_collections
+
+  from tokcom_jax import checkpoint, sharding, stages, train_state
   step, meta = checkpoint.read_meta(workdir, checkpoint.manager(
       workdir, read_only=True).latest_step())
-  import ml_collections
   config = ml_collections.ConfigDict(meta['config'])
-  _, abstract = train_lib.abstract_params(config, meta['stage'],
-                                          sharding.make_mesh(-1, 1))
+  _, abstract = train_state.abstract_params(stages.get(config, meta['stage']).build,
+                                            sharding.make_mesh(-1, 1))
   params, _, _ = checkpoint.restore_params(workdir, abstract, step=step)
   return step, params
 

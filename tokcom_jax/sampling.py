@@ -21,14 +21,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from tokcom_jax import checkpoint, data, flow, sharding, train_lib
+from tokcom_jax import checkpoint, data, flow, sharding, stages, train_state
 from tokcom_jax.decoding import choose_tokens
+from tokcom_jax.errors import CheckpointError, SamplingError
 
 Array = jax.Array
-
-
-class SamplingError(ValueError):
-  """A request that cannot be served; the message says what to do."""
 
 
 class TokCom:
@@ -38,12 +35,12 @@ class TokCom:
                dit_params=None, workdir: str = '', vae_workdir: str = ''):
     self.config, self.tokenizer, self.workdir = config, tokenizer, workdir
     self.vae_workdir = vae_workdir or workdir
-    self.vae_graphdef = nnx.graphdef(
-        nnx.eval_shape(lambda: train_lib.build_model(config, 'vae')))
+    graphdef = lambda stage: nnx.graphdef(nnx.eval_shape(
+        lambda: stages.get(config, stage).build(nnx.Rngs(0))))
+    self.vae_graphdef = graphdef('vae')
     self.vae_params, self.dit_params = vae_params, dit_params
     if dit_params is not None:
-      self.dit_graphdef = nnx.graphdef(
-          nnx.eval_shape(lambda: train_lib.build_model(config, 'diffusion')))
+      self.dit_graphdef = graphdef('diffusion')
     self.chunk_size = config.chunk_size
     self.max_chunks = config.max_length // config.chunk_size
     self.latent_dim = config.vae.latent_dim
@@ -191,17 +188,16 @@ def load(workdir: str) -> TokCom:
   config = _config_from_meta(meta)
   tokenizer_dir = meta['tokenizer_dir']
   if not (epath.Path(tokenizer_dir) / 'tokenizer_config.json').exists():
-    raise checkpoint.CheckpointError(f'the tokenizer of {workdir} is missing from'
-                                     f' {tokenizer_dir}.')
+    raise CheckpointError(f'the tokenizer of {workdir} is missing from'
+                          f' {tokenizer_dir}.')
   tokenizer = data.load_tokenizer(config.tokenizer, tokenizer_dir)
   mesh = sharding.make_mesh(-1, 1)
-  vae_dir = meta.get('vae_workdir') or (
-      workdir if meta['stage'] == 'vae' else config.vae_workdir)
-  vae_params, _, _ = checkpoint.restore_params(
-      vae_dir, train_lib.abstract_params(config, 'vae', mesh)[1])
-  dit_params = None
-  if meta['stage'] == 'diffusion':
-    dit_params, _, _ = checkpoint.restore_params(
-        workdir, train_lib.abstract_params(config, 'diffusion', mesh)[1])
-  return TokCom(config, tokenizer, vae_params, dit_params, workdir=str(workdir),
+  restore = lambda run, stage: checkpoint.restore_params(
+      run, train_state.abstract_params(stages.get(config, stage).build, mesh)[1])[0]
+  if meta['stage'] == 'vae':
+    return TokCom(config, tokenizer, restore(workdir, 'vae'), workdir=str(workdir))
+  # Runs written before frozen models were recorded by name kept `vae_workdir`.
+  vae_dir = meta.get('frozen', {}).get('vae') or meta.get('vae_workdir')
+  return TokCom(config, tokenizer, restore(vae_dir, 'vae'),
+                restore(workdir, meta['stage']), workdir=str(workdir),
                 vae_workdir=str(vae_dir))

@@ -1,0 +1,70 @@
+"""Stage 2: the latent flow transformer learns to generate a sequence's latents,
+reading the stage-1 VAE frozen (its encoder gives x1, its decoder scores x1_pred)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tokcom_jax import dit, flops, flow
+from tokcom_jax.stages.base import Stage
+from tokcom_jax.stages.vae import VAEStage
+from tokcom_jax.train_state import FrozenModel
+
+EVAL_TIMES = (0.1, 0.5, 0.9)  # t values at which the flow model is evaluated
+
+
+class FlowStage(Stage):
+  name = 'diffusion'
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.flow = flow.FlowConfig.from_config(config)
+
+  def build(self, rngs):
+    return dit.LatentFlowTransformer(dit.DiTConfig.from_config(self.config), rngs=rngs)
+
+  def frozen(self):
+    return {'vae': FrozenModel(
+        build=VAEStage(self.config).build, workdir=self.config.vae_workdir,
+        missing_hint='stage 2 needs a trained VAE: run stage 1 first (train.py'
+                     ' --config …:vae), or set --config.vae_workdir.')}
+
+  def tokenizer_dir(self, workdir):
+    return VAEStage(self.config).tokenizer_dir(self.config.vae_workdir)
+
+  def loss(self, model, frozen, tokens_BL, rng, t_B=None):
+    return flow.diffusion_loss_fn(model, frozen['vae'], tokens_BL,
+                                  jnp.ones_like(tokens_BL), rng, self.flow, t_B)
+
+  def eval_metrics(self, model, frozen, tokens_BL, key):
+    """CE, MSE and token accuracy at fixed t (the same noise every evaluation)."""
+    out = {}
+    for i, t in enumerate(EVAL_TIMES):
+      t_B = jnp.full((tokens_BL.shape[0],), t)
+      _, m = self.loss(model, frozen, tokens_BL, jax.random.fold_in(key, i), t_B)
+      out.update({f'ce_t{t}': m['ce'], f'mse_t{t}': m['mse'],
+                  f'token_accuracy_t{t}': m['token_accuracy']})
+    out['ce'] = jnp.mean(jnp.stack([out[f'ce_t{t}'] for t in EVAL_TIMES]))
+    out['mse'] = jnp.mean(jnp.stack([out[f'mse_t{t}'] for t in EVAL_TIMES]))
+    out['loss'] = self.flow.ce_weight * out['ce'] + self.flow.mse_weight * out['mse']
+    return out
+
+  def sample(self, model, frozen, tokens_BL, key):
+    """As many generations as there are windows (their values are not used)."""
+    c = self.config
+    shape = (tokens_BL.shape[0], c.max_length // c.chunk_size, c.vae.latent_dim)
+    z = flow.euler_sample(model, flow.sample_noise(key, shape, c.flow.noise_std),
+                          c.sample.steps)
+    return jnp.argmax(frozen['vae'].decode(z), axis=-1)
+
+  def wandb_batch_names(self, mean):
+    return {'diffusion/batch_ce_loss': mean['ce'],
+            'diffusion/batch_mse_loss': mean['mse']}
+
+  def train_flops(self, batch):
+    vae_forward = flops.vae_forward(self.config, batch)
+    # The frozen encoder runs forward only; the frozen decoder forward and backward
+    # through its activations, without weight gradients.
+    return (3 * flops.dit_forward(self.config, batch) + vae_forward['encoder']
+            + 2 * vae_forward['decoder'])

@@ -1,0 +1,125 @@
+"""The train state of any stage: parameters, optimizer, shardings, frozen inputs.
+
+The state is a plain dict {step, params, opt_state} of global arrays, placed by
+`jax.jit(init, out_shardings=…)` straight into its shardings. Everything here takes
+a `build(rngs) -> nnx.Module` function and knows nothing of what it builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tokcom_jax import checkpoint, sharding
+from tokcom_jax.errors import TrainingError
+
+Build = Callable[[nnx.Rngs], nnx.Module]
+
+
+def abstract_params(build: Build, mesh):
+  """(graphdef, params as ShapeDtypeStructs with their shardings): nothing allocated."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh))
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nnx.to_pure_dict(abstract), shardings)
+  return graphdef, abstract
+
+
+def make_optimizer(train_config, lr: float, total_steps: int):
+  """(optimizer, learning-rate schedule): AdamW, linear warm-up then cosine decay to
+  10%, global-norm clipping, gradient accumulation over `grad_accum` batches. A
+  gradient with a NaN or inf is skipped (no update, no accumulation) by
+  `optax.apply_if_finite`; the loop stops the run after `max_nan_steps` in a row."""
+  tc = train_config
+  updates = max(total_steps // tc.grad_accum, 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, lr, min(tc.warmup_steps, updates - 1) if updates > 1 else 0, updates,
+      end_value=0.1 * lr)
+  # No weight decay on vectors (norm scales, biases).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                  mask=decay_mask))
+  if tc.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
+  return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), schedule
+
+
+def opt_state_shardings(optimizer, params, mesh):
+  """Moments (and accumulated gradients) take their parameter's sharding, so FSDP
+  shards them too; scalars (step counts, NaN counters) are replicated."""
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  return optax.tree_map_params(
+      optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params),
+      param_shardings, transform_non_params=lambda _: sharding.replicated(mesh))
+
+
+def abstract_state(build: Build, mesh, optimizer):
+  """(graphdef, the train state as ShapeDtypeStructs with their shardings): what
+  init_state would build, without allocating or computing anything."""
+  graphdef, params = abstract_params(build, mesh)
+  opt_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(optimizer.init, params),
+      opt_state_shardings(optimizer, params, mesh))
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
+
+
+def init_state(build: Build, mesh, optimizer, seed: int):
+  """(graphdef, a fresh train state initialised directly into its shardings)."""
+  graphdef, abstract = abstract_state(build, mesh, optimizer)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(nnx.Rngs(seed)))),
+                   out_shardings=shardings['params'])()
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings['opt_state'])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shardings['step'])
+  return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes that one device holds of a tree of sharded arrays or ShapeDtypeStructs."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+# -------------------------------------------------------------------- frozen models
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+  """A trained model that a stage reads but does not train (stage 2's VAE)."""
+  build: Build
+  workdir: str
+  missing_hint: str  # what to do when `workdir` has no checkpoint
+
+
+def frozen_graphdefs(frozen: dict[str, FrozenModel]) -> dict:
+  return {name: nnx.graphdef(nnx.eval_shape(lambda f=f: f.build(nnx.Rngs(0))))
+          for name, f in frozen.items()}
+
+
+def abstract_frozen(frozen: dict[str, FrozenModel], mesh) -> dict:
+  """The frozen models' parameters as ShapeDtypeStructs (memory report, AOT)."""
+  return {name: abstract_params(f.build, mesh)[1] for name, f in frozen.items()}
+
+
+def load_frozen(frozen: dict[str, FrozenModel], mesh) -> dict:
+  """The frozen models' parameters, restored from their runs onto `mesh`."""
+  params = {}
+  for name, f in frozen.items():
+    if not checkpoint.checkpoint_dir(f.workdir).exists():
+      raise TrainingError(f'{f.workdir!r} has no checkpoints: {f.missing_hint}')
+    params[name], _, step = checkpoint.restore_params(
+        f.workdir, abstract_params(f.build, mesh)[1])
+    logging.info('frozen %s from %s step %d', name, f.workdir, step)
+  return params
