@@ -6,7 +6,8 @@ from flax import nnx
 
 from configs import v52
 from tests import helpers
-from tests.test_vae import param_count, qwen2_stack_params
+from tests.test_vae import (assert_close_to_fp32, dot_operand_dtypes, param_count,
+                             qwen2_stack_params)
 from tokcom_jax import dit, flow
 
 
@@ -34,6 +35,60 @@ def test_attention_is_bidirectional_over_chunks():
   cond = model.time_embed(jnp.array([0.5]))
   grad = jax.grad(lambda h: jnp.sum(model.body(h, cond)[:, 0] ** 2))(h)
   assert float(jnp.abs(grad[0, 5]).max()) > 0  # position 0 sees position 5
+
+
+def randomize_params(model, seed=42, stddev=0.1):
+  """Replaces every parameter by N(0, stddev²) values: adaLN-Zero's zeros included."""
+  rng = np.random.default_rng(seed)
+  nnx.update(model, jax.tree.map(
+      lambda x: jnp.asarray(stddev * rng.standard_normal(x.shape), x.dtype),
+      nnx.state(model, nnx.Param)))
+
+
+@nnx.jit
+def predict(model, x_t_BNZ, t_B):
+  return model(x_t_BNZ, t_B)
+
+
+def test_prediction_depends_on_t_through_the_time_embedding():
+  model = dit.LatentFlowTransformer(helpers.tiny_dit_config(), rngs=nnx.Rngs(0))
+  randomize_params(model)
+
+  @nnx.jit
+  def prediction_and_grad(model, x_t_BNZ, t_B):
+    grad_B = jax.grad(lambda t_B: model(x_t_BNZ, t_B).sum())(t_B)
+    return model(x_t_BNZ, t_B), grad_B
+
+  x_t_1NZ = jax.random.normal(jax.random.key(0), (1, 4, 16))
+  x_t_BNZ = jnp.concatenate([x_t_1NZ, x_t_1NZ])  # one x_t at two times
+  out_BNZ, grad_B = prediction_and_grad(model, x_t_BNZ, jnp.array([0.1, 0.9]))
+  change = float(jnp.abs(out_BNZ[0] - out_BNZ[1]).mean())
+  size = float(jnp.abs(out_BNZ).mean())
+  assert change > 0.05 * size, (change, size)  # measured: ~20%
+  # The output is differentiable in t, and t moves it (the sinusoids of 1000·t are fast).
+  assert bool(jnp.all(jnp.isfinite(grad_B))), grad_B
+  assert float(jnp.abs(grad_B).min()) > 1.0, grad_B  # measured: ~100s
+  # Each example is conditioned on its own t: swapping the times swaps the outputs.
+  swapped_BNZ, _ = prediction_and_grad(model, x_t_BNZ, jnp.array([0.9, 0.1]))
+  np.testing.assert_allclose(swapped_BNZ, out_BNZ[::-1], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_compute_matches_fp32_with_the_same_parameters():
+  fp32 = dit.LatentFlowTransformer(helpers.tiny_dit_config(), rngs=nnx.Rngs(0))
+  randomize_params(fp32)  # at init the prediction is exactly zero
+  bf16 = dit.LatentFlowTransformer(helpers.tiny_dit_config(dtype=jnp.bfloat16),
+                                   rngs=nnx.Rngs(1))
+  # Parameters stay fp32 whatever the compute dtype (checked before the copy, which
+  # would replace them by fp32 arrays).
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {
+      jnp.dtype(jnp.float32)}
+  nnx.update(bf16, nnx.state(fp32, nnx.Param))
+  params = nnx.state(bf16, nnx.Param)
+  chex.assert_trees_all_equal(params, nnx.state(fp32, nnx.Param))
+  x_t_BNZ = jax.random.normal(jax.random.key(0), (2, 4, 16))
+  t_B = jax.random.uniform(jax.random.key(1), (2,))
+  assert_close_to_fp32(predict(bf16, x_t_BNZ, t_B), predict(fp32, x_t_BNZ, t_B))
+  assert dot_operand_dtypes(bf16, x_t_BNZ, t_B) == {'bfloat16'}
 
 
 def test_v52_parameter_count():

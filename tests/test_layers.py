@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokcom_jax import layers
+from tokcom_jax import dit, layers
 
 
 def small_cfg(**kw):
@@ -30,10 +30,10 @@ def test_shapes():
   chex.assert_shape(layers.Block(cfg, rngs=rngs)(x, pos), (3, 7, 32))
   chex.assert_shape(layers.Transformer(cfg, rngs=rngs)(x), (3, 7, 32))
   cond = jax.random.normal(jax.random.key(2), (3, 32))
-  chex.assert_shape(layers.AdaLNZeroBlock(cfg, rngs=rngs)(x, cond, pos), (3, 7, 32))
-  chex.assert_shape(layers.AdaLNFinalLayer(cfg, 5, rngs=rngs)(x, cond), (3, 7, 5))
-  chex.assert_shape(layers.sinusoidal_embedding(jnp.ones(3), 16), (3, 16))
-  chex.assert_shape(layers.TimestepEmbedding(32, rngs=rngs)(jnp.ones(3)), (3, 32))
+  chex.assert_shape(dit.AdaLNZeroBlock(cfg, rngs=rngs)(x, cond, pos), (3, 7, 32))
+  chex.assert_shape(dit.AdaLNFinalLayer(cfg, 5, rngs=rngs)(x, cond), (3, 7, 5))
+  chex.assert_shape(dit.sinusoidal_embedding(jnp.ones(3), 16), (3, 16))
+  chex.assert_shape(dit.TimestepEmbedding(32, rngs=rngs)(jnp.ones(3)), (3, 32))
 
 
 def test_rope_is_a_rotation_relative_in_position():
@@ -50,12 +50,65 @@ def test_rope_is_a_rotation_relative_in_position():
       rtol=1e-6)
 
 
-def test_rms_norm_matches_formula():
-  cfg = small_cfg()
-  norm = layers.rms_norm(32, cfg, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(0), (2, 3, 32)) * 5
-  expected = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.rms_eps)
-  np.testing.assert_allclose(norm(x), expected, rtol=1e-5, atol=1e-6)
+def test_rope_rotates_halves_like_qwen2():
+  # Head size 4, theta 4: inv_freq = theta^(-2i/4) = [1, 1/2], so position p turns
+  # the pair (x0, x2) by p radians and the pair (x1, x3) by p/2 radians.
+  H, theta = 4, 4.0
+  positions_T = np.array([0, 1, 2])
+  x_BTNH = np.arange(1.0, 13.0).reshape(1, 3, 1, H) * np.array([1.0, -0.5, 0.25, 2.0])
+  inv_freq_F = theta ** (-2.0 * np.arange(H // 2) / H)
+  np.testing.assert_allclose(inv_freq_F, [1.0, 0.5])
+  angle_TF = positions_T[:, None] * inv_freq_F[None, :]
+  cos_TF, sin_TF = np.cos(angle_TF)[:, None, :], np.sin(angle_TF)[:, None, :]
+  x1, x2 = x_BTNH[..., :H // 2], x_BTNH[..., H // 2:]
+  expected_BTNH = np.concatenate([x1 * cos_TF - x2 * sin_TF,
+                                  x2 * cos_TF + x1 * sin_TF], axis=-1)
+  got_BTNH = layers.apply_rope(jnp.asarray(x_BTNH, jnp.float32), jnp.asarray(positions_T),
+                               theta)
+  np.testing.assert_allclose(got_BTNH, expected_BTNH, rtol=1e-5, atol=1e-5)
+  # Written out: e0 at position 1 and e1 at position 2 both turn by one radian, into
+  # the second half (GPT-J's interleaved pairs would give [cos 1, sin 1, 0, 0]).
+  c, s = np.cos(1.0), np.sin(1.0)
+  basis_BTNH = jnp.array([[[[1.0, 0, 0, 0]], [[0, 1.0, 0, 0]]]])
+  np.testing.assert_allclose(
+      layers.apply_rope(basis_BTNH, jnp.array([1, 2]), theta)[0, :, 0],
+      [[c, 0, s, 0], [0, c, 0, s]], atol=1e-6)
+
+
+@pytest.mark.parametrize('eps', [1e-6, 1e-5])
+def test_rms_norm_scales_by_its_weight_with_eps_inside_the_sqrt(eps):
+  # RMS ~1e-3, so mean(x²) ~1e-6 is the size of eps: the two eps values give outputs
+  # that differ by a factor ~2, far above the tolerance; a non-constant, non-unit
+  # scale catches a dropped or misapplied weight.
+  norm = layers.rms_norm(32, small_cfg(rms_eps=eps), rngs=nnx.Rngs(0))
+  scale_D = np.linspace(0.5, 2.0, 32)
+  norm.scale[...] = jnp.asarray(scale_D, jnp.float32)
+  x_BTD = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 32)), np.float64) * 1e-3
+
+  def expected(e):
+    return x_BTD / np.sqrt(np.mean(x_BTD ** 2, axis=-1, keepdims=True) + e) * scale_D
+
+  got_BTD = norm(jnp.asarray(x_BTD, jnp.float32))
+  np.testing.assert_allclose(got_BTD, expected(eps), rtol=1e-5, atol=1e-6)
+  other_eps = 1e-5 if eps == 1e-6 else 1e-6
+  assert np.abs(expected(other_eps) - expected(eps)).max() > 0.1  # eps matters here
+
+
+def test_sinusoidal_embedding_is_cos_then_sin_of_t_times_frequencies():
+  # dim 8, half 4: f_i = exp(-ln(10000)·i/4) = 10000^(-i/4) = [1, 0.1, 0.01, 0.001].
+  t_B = np.array([0.0, 1.0, 2.5])
+  f_F = np.array([1.0, 0.1, 0.01, 0.001])
+  np.testing.assert_allclose(f_F, np.exp(-np.log(10_000.0) * np.arange(4) / 4))
+  expected_BE = np.concatenate([np.cos(t_B[:, None] * f_F), np.sin(t_B[:, None] * f_F)],
+                               axis=-1)
+  got_BE = dit.sinusoidal_embedding(jnp.asarray(t_B, jnp.float32), 8)
+  np.testing.assert_allclose(got_BE, expected_BE, rtol=1e-6, atol=1e-6)
+  # The order: cos first. t = 0 gives cos = 1 then sin = 0.
+  np.testing.assert_array_equal(got_BE[0], [1, 1, 1, 1, 0, 0, 0, 0])
+  # max_period sets the frequency range: 100^(-i/2) = [1, 0.1] for dim 4.
+  np.testing.assert_allclose(
+      dit.sinusoidal_embedding(jnp.array([2.5]), 4, max_period=100.0)[0],
+      [np.cos(2.5), np.cos(0.25), np.sin(2.5), np.sin(0.25)], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -90,7 +143,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
 
 def test_adaln_zero_block_is_identity_at_init():
   cfg = small_cfg()
-  block = layers.AdaLNZeroBlock(cfg, rngs=nnx.Rngs(0))
+  block = dit.AdaLNZeroBlock(cfg, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 5, 32))
   cond = jax.random.normal(jax.random.key(1), (2, 32))
   np.testing.assert_array_equal(block(x, cond, jnp.arange(5)), x)
@@ -100,7 +153,7 @@ def test_adaln_zero_block_is_identity_at_init():
 
 
 def test_final_layer_outputs_zeros_at_init():
-  final = layers.AdaLNFinalLayer(small_cfg(), 7, rngs=nnx.Rngs(0))
+  final = dit.AdaLNFinalLayer(small_cfg(), 7, rngs=nnx.Rngs(0))
   out = final(jax.random.normal(jax.random.key(0), (2, 5, 32)),
               jax.random.normal(jax.random.key(1), (2, 32)))
   np.testing.assert_array_equal(out, jnp.zeros((2, 5, 7)))

@@ -1,4 +1,5 @@
-"""The latent flow transformer: a DiT with adaLN-Zero over the N latents of a sequence.
+"""The latent flow transformer: a DiT with adaLN-Zero over the N latents of a sequence,
+and the layers only it uses (adaLN-Zero blocks, the timestep embedding).
 
 It reads noisy latents x_t [B, N, Z] and the time t [B], and predicts the clean
 latents x1 [B, N, Z]. Attention is bidirectional over chunk positions (RoPE on the
@@ -9,6 +10,7 @@ initialisation the body is the identity map and the prediction is zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -18,6 +20,86 @@ from flax import nnx
 from tokcom_jax import layers
 
 Array = jax.Array
+
+
+# ------------------------------------------------------------- adaLN-Zero layers
+
+
+def modulate(x_BTD: Array, shift_BD: Array, scale_BD: Array) -> Array:
+  return x_BTD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+
+
+class AdaLNZeroBlock(nnx.Module):
+  """DiT block: the condition sets shift/scale/gate of attention and MLP.
+
+  One zero-initialised projection of the condition gives all six vectors, so every
+  gate starts at 0 and the block starts as the identity map of its input.
+  """
+
+  def __init__(self, cfg: layers.TransformerConfig, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.attn_norm = layers.rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.attn = layers.Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.mlp = layers.SwiGLU(cfg, rngs=rngs)
+    self.modulation = layers.dense(D, 6 * D, ('embed', 'modulation'), dtype=cfg.dtype,
+                                   use_bias=True, kernel_init=layers.zeros_init,
+                                   rngs=rngs)
+
+  def __call__(self, x_BTD: Array, cond_BD: Array, positions_T: Array) -> Array:
+    (attn_shift, attn_scale, attn_gate,
+     mlp_shift, mlp_scale, mlp_gate) = jnp.split(
+         self.modulation(jax.nn.silu(cond_BD)), 6, axis=-1)
+    h_BTD = modulate(self.attn_norm(x_BTD), attn_shift, attn_scale)
+    x_BTD = x_BTD + attn_gate[:, None, :] * self.attn(h_BTD, positions_T)
+    h_BTD = modulate(self.mlp_norm(x_BTD), mlp_shift, mlp_scale)
+    return x_BTD + mlp_gate[:, None, :] * self.mlp(h_BTD)
+
+
+class AdaLNFinalLayer(nnx.Module):
+  """Norm, condition-dependent shift/scale, projection: all zero at init."""
+
+  def __init__(self, cfg: layers.TransformerConfig, out_features: int, *,
+               rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.norm = layers.rms_norm(D, cfg, use_scale=False, rngs=rngs)
+    self.modulation = layers.dense(D, 2 * D, ('embed', 'modulation'), dtype=cfg.dtype,
+                                   use_bias=True, kernel_init=layers.zeros_init,
+                                   rngs=rngs)
+    self.proj = layers.dense(D, out_features, ('embed', 'latent'), dtype=cfg.dtype,
+                             use_bias=True, kernel_init=layers.zeros_init, rngs=rngs)
+
+  def __call__(self, x_BTD: Array, cond_BD: Array) -> Array:
+    shift_BD, scale_BD = jnp.split(self.modulation(jax.nn.silu(cond_BD)), 2, axis=-1)
+    return self.proj(modulate(self.norm(x_BTD), shift_BD, scale_BD))
+
+
+def sinusoidal_embedding(t_B: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """DiT's frequency embedding of a scalar per example: [cos(t·f), sin(t·f)]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BF = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+  """t ∈ [0, 1] → sinusoidal features of 1000·t → Linear → SiLU → Linear."""
+
+  def __init__(self, hidden_size: int, *, freq_dim: int = 256,
+               time_scale: float = 1000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.freq_dim = freq_dim
+    self.time_scale = time_scale
+    self.fc1 = layers.dense(freq_dim, hidden_size, ('freq', 'embed'), dtype=dtype,
+                            use_bias=True, rngs=rngs)
+    self.fc2 = layers.dense(hidden_size, hidden_size, ('embed', 'embed_out'),
+                            dtype=dtype, use_bias=True, rngs=rngs)
+
+  def __call__(self, t_B: Array) -> Array:
+    features_BF = sinusoidal_embedding(self.time_scale * t_B, self.freq_dim)
+    return self.fc2(jax.nn.silu(self.fc1(features_BF)))
+
+
+# ------------------------------------------------------------------- the model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +140,11 @@ class LatentFlowTransformer(nnx.Module):
     D, Z = cfg.hidden_size, cfg.latent_dim
     self.input_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
                                    use_bias=True, rngs=rngs)
-    self.time_embed = layers.TimestepEmbedding(
+    self.time_embed = TimestepEmbedding(
         D, freq_dim=cfg.time_freq_dim, dtype=cfg.dtype, rngs=rngs)
     self.blocks = nnx.List(
-        [layers.AdaLNZeroBlock(tcfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_layer = layers.AdaLNFinalLayer(tcfg, Z, rngs=rngs)
+        [AdaLNZeroBlock(tcfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_layer = AdaLNFinalLayer(tcfg, Z, rngs=rngs)
 
   def body(self, h_BND: Array, cond_BD: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])

@@ -174,7 +174,7 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
 def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
              num_windows: int = 256, batch_size: int = 32, seed: int = 0) -> dict:
   """All metrics of a run; writes eval.json and plots into `workdir`."""
-  from tokcom_jax import data, sampling
+  from tokcom_jax import data, sampling, sources
 
   if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
     raise sampling.SamplingError('--steps, --num_samples, --num_windows and'
@@ -192,7 +192,7 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
   # Evenly spread over the split, not just its first documents.
   real = windows.get(np.linspace(0, windows.num_windows - 1, n).astype(np.int64))
   logging.info('evaluating %s on %d held-out windows', workdir, n)
-  result = {'workdir': workdir if data.is_remote(workdir) else os.path.abspath(workdir),
+  result = {'workdir': workdir if sources.is_remote(workdir) else os.path.abspath(workdir),
             'num_windows': int(n)}
   result.update(vae_metrics(model, real, batch_size, seed))
   samples = []

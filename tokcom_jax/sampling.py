@@ -24,6 +24,7 @@ from flax import nnx
 from tokcom_jax import checkpoint, data, flow, sharding, stages, train_state
 from tokcom_jax.decoding import choose_tokens
 from tokcom_jax.errors import CheckpointError, SamplingError
+from tokcom_jax.tokenizer import load_tokenizer
 
 Array = jax.Array
 
@@ -190,7 +191,7 @@ def load(workdir: str) -> TokCom:
   if not (epath.Path(tokenizer_dir) / 'tokenizer_config.json').exists():
     raise CheckpointError(f'the tokenizer of {workdir} is missing from'
                           f' {tokenizer_dir}.')
-  tokenizer = data.load_tokenizer(config.tokenizer, tokenizer_dir)
+  tokenizer = load_tokenizer(config.tokenizer, tokenizer_dir)
   mesh = sharding.make_mesh(-1, 1)
   restore = lambda run, stage: checkpoint.restore_params(
       run, train_state.abstract_params(stages.get(config, stage).build, mesh)[1])[0]

@@ -23,7 +23,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from tokcom_jax import checkpoint, data, sharding, stages, steps, train_state
+from tokcom_jax import (checkpoint, data, sharding, sources, stages, steps, tokenizer,
+                        train_state)
 from tokcom_jax.config_lib import validate
 from tokcom_jax.errors import ConfigError, TrainingError  # noqa: F401 (re-exported)
 from tokcom_jax.metrics_log import MetricsLog
@@ -65,7 +66,7 @@ def _with(config, **fields):
 
 def _absolute(path) -> str:
   path = str(path)
-  return path if data.is_remote(path) else os.path.abspath(path)
+  return path if sources.is_remote(path) else os.path.abspath(path)
 
 
 class Trainer:
@@ -84,7 +85,7 @@ class Trainer:
     frozen = stage.frozen()
     self.frozen_graphdefs = train_state.frozen_graphdefs(frozen)
     self.frozen = train_state.load_frozen(frozen, self.mesh)
-    self.tokenizer = data.run_tokenizer(config, stage.tokenizer_dir(self.workdir))
+    self.tokenizer = tokenizer.run_tokenizer(config, stage.tokenizer_dir(self.workdir))
     self.train_windows, self.val_windows = data.load_splits(
         config, self.tokenizer, self.batch_size)
     self.steps_per_epoch = data.steps_per_epoch(self.train_windows.num_windows,

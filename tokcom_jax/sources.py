@@ -1,0 +1,155 @@
+"""Text sources: where a corpus's documents come from, and which are held out.
+
+Sources (`config.data.source`):
+  stdlib              the running Python's standard-library sources (no network)
+  files:<glob>        your own UTF-8 text files
+  hf:<path>[:<name>]  a Hugging Face dataset, e.g. hf:wikitext:wikitext-2-raw-v1
+  tfds:<name>         a TensorFlow Datasets dataset (needs tensorflow-datasets)
+
+For `stdlib` and `files:` about 2% of the files are validation, chosen by a hash of
+each file's path relative to the corpus root, so the split is the same wherever the
+corpus lives.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob as globlib
+import hashlib
+import logging
+import os
+import pathlib
+import socket
+import sysconfig
+import urllib.parse
+from typing import Iterable, Iterator
+
+from tokcom_jax.errors import DataError
+
+VAL_PER_MILLE = 20  # documents hashed into [0, 20) of 1000 are validation (2%)
+OFFLINE_HINT = ('if the hub cannot be reached, run offline with'
+                ' `--config configs/tiny.py` (stdlib corpus, BPE tokenizer) or'
+                ' `--config.tokenizer=bpe:8192 --config.data.source=stdlib`.')
+
+
+def _hash(name: str) -> int:
+  return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], 'little')
+
+
+def validation_names(names: list[str]) -> set[str]:
+  """About 2% of the documents, chosen by a hash of their names; at least one."""
+  chosen = {n for n in names if _hash(n) % 1000 < VAL_PER_MILLE}
+  if not chosen and len(names) > 1:
+    chosen = {min(names, key=_hash)}
+  return chosen
+
+
+def stdlib_files() -> list[pathlib.Path]:
+  """The standard library's .py files, without site-packages and test suites."""
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  skip = {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test'}
+  return sorted(p for p in root.rglob('*.py')
+                if not skip & set(p.relative_to(root).parts))
+
+
+def glob_root(pattern: str) -> pathlib.Path:
+  """The directories of a glob before its first wildcard: `/data/py/**/*.py` →
+  `/data/py`. Files are named relative to it, so that the validation split does not
+  depend on where the corpus lives."""
+  parts = pathlib.PurePath(pattern).parts
+  fixed = []
+  for part in parts[:-1]:
+    if globlib.has_magic(part):
+      break
+    fixed.append(part)
+  return pathlib.Path(*fixed) if fixed else pathlib.Path('.')
+
+
+def _read_files(paths: Iterable[pathlib.Path], root: pathlib.Path, split: str
+                ) -> Iterator[str]:
+  # Names relative to the corpus root (a POSIX path): the split is the same on any
+  # machine and wherever the corpus is copied.
+  named = [(p.relative_to(root).as_posix(), p) for p in paths]
+  validation = validation_names([name for name, _ in named])
+  for name, path in named:
+    if (name in validation) != (split == 'validation'):
+      continue
+    try:
+      yield path.read_text(encoding='utf-8')
+    except UnicodeDecodeError:
+      logging.warning('skipping %s: not UTF-8 text', path)
+
+
+def iter_documents(source: str, split: str, text_column: str = 'text',
+                   hf_split: str | None = None) -> Iterator[str]:
+  """The documents of `split` ('train' or 'validation') of a source."""
+  if source == 'stdlib':
+    root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+    yield from _read_files(stdlib_files(), root, split)
+  elif source.startswith('files:'):
+    pattern = os.path.expanduser(source[len('files:'):])
+    paths = sorted(pathlib.Path(p) for p in globlib.glob(pattern, recursive=True)
+                   if os.path.isfile(p))
+    if not paths:
+      raise DataError(f'data source {source!r} matches no files: check the glob'
+                      ' (quote it so the shell does not expand it).')
+    yield from _read_files(paths, glob_root(pattern), split)
+  elif source.startswith('hf:'):
+    yield from _hf_documents(source, hf_split or split, text_column)
+  elif source.startswith('tfds:'):
+    yield from _tfds_documents(source, hf_split or split, text_column)
+  else:
+    raise DataError(f"unknown data source {source!r}: use 'stdlib', 'files:<glob>',"
+                    " 'hf:<path>[:<name>]' or 'tfds:<name>'.")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+  """Whether the Hugging Face hub answers; when it does not, hub loads use the local
+  cache only, instead of retrying for a minute before failing."""
+  if os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', ''):
+    return False
+  endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+  host = urllib.parse.urlparse(endpoint).hostname or 'huggingface.co'
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def _hf_documents(source: str, split: str, text_column: str) -> Iterator[str]:
+  if not hub_reachable():
+    os.environ['HF_HUB_OFFLINE'] = os.environ['HF_DATASETS_OFFLINE'] = '1'
+  import datasets  # heavy; only when used
+  if not hub_reachable():  # in case datasets was imported before the lines above
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+  path, _, name = source[len('hf:'):].partition(':')
+  try:
+    ds = datasets.load_dataset(path, name or None, split=split)
+  except Exception as e:  # the hub raises many types; all mean "cannot load"
+    raise DataError(f'cannot load dataset {path!r} ({type(e).__name__}):'
+                    f' {OFFLINE_HINT}') from e
+  if text_column not in ds.column_names:
+    raise DataError(f'dataset {path!r} has no column {text_column!r} (it has'
+                    f' {ds.column_names}): set --config.data.text_column.')
+  for text in ds[text_column]:
+    if text:
+      yield text
+
+
+def _tfds_documents(source: str, split: str, text_column: str) -> Iterator[str]:
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError('tfds: sources need TensorFlow Datasets: pip install'
+                    ' tensorflow-datasets') from None
+  ds = tfds.load(source[len('tfds:'):], split=split)
+  for example in tfds.as_numpy(ds):
+    text = example[text_column]
+    yield text.decode('utf-8') if isinstance(text, bytes) else str(text)
+
+
+def is_remote(path) -> bool:
+  """gs://… and other URLs: reached through etils.epath, not the local filesystem."""
+  return '://' in str(path)

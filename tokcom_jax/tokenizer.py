@@ -1,0 +1,121 @@
+"""Tokenizers: a byte-level BPE trained on the corpus (offline), or a hub tokenizer.
+
+A run saves its tokenizer in its workdir (`<workdir>/tokenizer/`), so that a resumed
+run, stage 2 and the sampler all read the one it was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Callable, Iterable
+
+from etils import epath
+
+from tokcom_jax.errors import ConfigError, DataError
+from tokcom_jax.sources import OFFLINE_HINT, hub_reachable, is_remote, iter_documents
+
+EOS = '<|endoftext|>'
+PAD = '<pad>'
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+  """A byte-level BPE (HF `tokenizers`) wrapped as a `transformers` tokenizer."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=[EOS, PAD],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
+                   train_texts: Callable[[], Iterable[str]] | None = None):
+  """`bpe:<vocab>` (trained once on `train_texts`, then reused) or a hub name/path.
+
+  When `save_dir` holds a saved tokenizer it is loaded from there, so a resumed run,
+  stage 2 and the sampler all see the tokenizer the run was trained with.
+  """
+  from transformers import AutoTokenizer
+  if save_dir and (epath.Path(save_dir) / 'tokenizer_config.json').exists():
+    return AutoTokenizer.from_pretrained(_local_dir(save_dir))
+  if spec.startswith('bpe:'):
+    try:
+      vocab_size = int(spec[len('bpe:'):])
+    except ValueError:
+      raise DataError(f'tokenizer {spec!r}: write bpe:<vocab size>, e.g. bpe:8192.'
+                      ) from None
+    if train_texts is None:
+      raise DataError(f'tokenizer {spec!r} must be trained, but there is no text.')
+    logging.info('training a %d-token byte-level BPE tokenizer', vocab_size)
+    tokenizer = train_bpe(train_texts(), vocab_size)
+  else:
+    try:
+      local = os.path.isdir(spec) or not hub_reachable()
+      tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
+    except Exception as e:
+      raise DataError(f'cannot load tokenizer {spec!r} ({type(e).__name__}):'
+                      f' {OFFLINE_HINT}') from e
+  if tokenizer.eos_token_id is None:
+    raise DataError(f'tokenizer {spec!r} has no EOS token to join documents with.')
+  if tokenizer.pad_token_id is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  if save_dir:
+    _save_tokenizer(tokenizer, save_dir)
+  return tokenizer
+
+
+def _local_dir(path) -> str:
+  """A local directory with the files of `path` (a copy when it is remote)."""
+  if not is_remote(path):
+    return str(path)
+  local = pathlib.Path(tempfile.mkdtemp(prefix='tokcom_tokenizer_'))
+  for f in epath.Path(path).iterdir():
+    (local / f.name).write_bytes(f.read_bytes())
+  return str(local)
+
+
+def _save_tokenizer(tokenizer, save_dir) -> None:
+  if not is_remote(save_dir):
+    tokenizer.save_pretrained(str(save_dir))
+    return
+  # transformers writes local files only: save, then copy to the bucket.
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer.save_pretrained(tmp)
+    dst = epath.Path(save_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in pathlib.Path(tmp).iterdir():
+      (dst / f.name).write_bytes(f.read_bytes())
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def run_tokenizer(config, save_dir):
+  """The run's tokenizer: loaded from `save_dir`, or made (a BPE trained on the
+  training split) by process 0 and saved there for the others and for the sampler."""
+  import jax
+  from jax.experimental import multihost_utils
+  c = config
+  texts = lambda: iter_documents(c.data.source, 'train', c.data.text_column,
+                                 c.data.train_split)
+  if jax.process_index() == 0:
+    tokenizer = load_tokenizer(c.tokenizer, save_dir, texts)
+  if jax.process_count() > 1:  # the others read what process 0 trained and saved
+    multihost_utils.sync_global_devices('tokenizer')
+    if jax.process_index() != 0:
+      tokenizer = load_tokenizer(c.tokenizer, save_dir, texts)
+  if len(tokenizer) > c.vocab_size:
+    raise ConfigError(f'the tokenizer has {len(tokenizer)} tokens but vocab_size is'
+                      f' {c.vocab_size}: set --config.vocab_size={len(tokenizer)} or'
+                      ' more.')
+  return tokenizer
