@@ -5,6 +5,7 @@
   python sample.py --mode reconstruct --input_text "Some text"
   python sample.py --mode encode --input_file a.py --output_file z.npy
   python sample.py --mode decode --input_file z.npy
+  python sample.py --workdir runs/tiny/ar --prompt "def "   # the autoregressive stage
 """
 
 import glob
@@ -16,8 +17,9 @@ from absl import flags
 from tokcom_jax import cli
 
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Run to load (default: the most recently trained diffusion run'
-    ' under runs/).')
+    'workdir', None, 'Run to load: a diffusion run, a VAE run (reconstruct, encode,'
+    ' decode) or an ar run (generate); default: the most recently trained diffusion'
+    ' run under runs/.')
 _MODE = flags.DEFINE_enum('mode', 'generate',
                           ['generate', 'reconstruct', 'encode', 'decode'], 'What to do.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Euler steps from noise to latents.')
@@ -26,6 +28,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Samples per batch'
                                    ' (default: all at once).')
 _NUM_CHUNKS = flags.DEFINE_integer('num_chunks', None, 'Latents per sample'
                                    ' (default: as trained, max_length / chunk_size).')
+_NUM_TOKENS = flags.DEFINE_integer('num_tokens', None, 'ar runs: new tokens per sample'
+                                   ' (default: what fits in the trained context).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Text the samples start with.')
 _INPUT_TEXT = flags.DEFINE_string('input_text', None, 'Text for reconstruct/encode.')
 _INPUT_FILE = flags.DEFINE_string('input_file', None, 'Text file (reconstruct,'
@@ -33,8 +37,9 @@ _INPUT_FILE = flags.DEFINE_string('input_file', None, 'Text file (reconstruct,'
 _OUTPUT_FILE = flags.DEFINE_string('output_file', None, 'encode: .npy latents;'
                                    ' generate: JSONL; others: text.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Token sampling temperature'
-                                  ' (0: argmax).')
+_TEMPERATURE = flags.DEFINE_float('temperature', None, 'Token sampling temperature'
+                                  ' (0: argmax; default: 0 for TokCom\'s chunk decoder,'
+                                  ' 1 for an ar run).')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass.')
 
@@ -69,19 +74,28 @@ def main(argv):
   del argv
   import numpy as np
   import tokcom_jax
-  from tokcom_jax.sampling import SamplingError
+  from tokcom_jax.sampling import AutoregressiveLM, SamplingError
   workdir = _WORKDIR.value or latest_diffusion_run()
   print(f'workdir: {workdir}', flush=True)
   if _STEPS.value < 1:
     raise SamplingError(f'--steps must be a positive number, got {_STEPS.value}.')
   model = tokcom_jax.load(workdir)
-  sampling = dict(seed=_SEED.value, temperature=_TEMPERATURE.value,
-                  top_k=_TOP_K.value, top_p=_TOP_P.value)
+  sampling = dict(seed=_SEED.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  if _TEMPERATURE.value is not None:
+    sampling['temperature'] = _TEMPERATURE.value
   out = _OUTPUT_FILE.value
+  if isinstance(model, AutoregressiveLM) and _MODE.value != 'generate':
+    raise SamplingError(f'{workdir} is an autoregressive (ar) run: it can only'
+                        ' --mode generate.')
   if _MODE.value == 'generate':
-    texts = model.generate(_NUM_SAMPLES.value, _NUM_CHUNKS.value, _STEPS.value,
-                           prompt=_PROMPT.value, batch_size=_BATCH_SIZE.value,
-                           **sampling)
+    if isinstance(model, AutoregressiveLM):
+      texts = model.generate(_NUM_SAMPLES.value, _NUM_TOKENS.value,
+                             prompt=_PROMPT.value, batch_size=_BATCH_SIZE.value,
+                             **sampling)
+    else:
+      texts = model.generate(_NUM_SAMPLES.value, _NUM_CHUNKS.value, _STEPS.value,
+                             prompt=_PROMPT.value, batch_size=_BATCH_SIZE.value,
+                             **sampling)
     print(SEPARATOR.join(texts))
     if out:
       with open(out, 'w') as f:

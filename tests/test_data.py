@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tokcom_jax import data
+from tokcom_jax import data, sources, tokenizer
 
 
 def test_train_order_is_a_pure_function_of_seed_and_step():
@@ -17,15 +17,6 @@ def test_train_order_is_a_pure_function_of_seed_and_step():
   assert not np.array_equal(np.concatenate(a[6:12]), epoch0)
 
 
-def test_process_slices_tile_the_global_batch():
-  # However many processes split it, their rows put together are the global batch.
-  idx = data.train_indices(5, seed=0, num_windows=100, global_batch=8)
-  for processes in (1, 2, 4):
-    per = 8 // processes
-    parts = [idx[p * per:(p + 1) * per] for p in range(processes)]
-    np.testing.assert_array_equal(np.concatenate(parts), idx)
-
-
 def test_windows_and_eval_indices():
   w = data.Windows(np.arange(23, dtype=np.uint16), 5)
   assert w.num_windows == 4
@@ -37,11 +28,11 @@ def test_windows_and_eval_indices():
 
 def test_bpe_round_trips_text():
   texts = ['def f(x):\n    return x + 1\n', 'class A:\n    pass\n', 'ünïcödé ✓'] * 50
-  tok = data.train_bpe(texts, vocab_size=300)
+  tok = tokenizer.train_bpe(texts, vocab_size=300)
   for text in ('def g(y):\n    return y * 2\n', 'ünïcödé ✓ and more 123'):
     ids = tok(text, add_special_tokens=False)['input_ids']
     assert tok.decode(ids) == text
-  assert tok.eos_token == data.EOS and tok.eos_token_id is not None
+  assert tok.eos_token == tokenizer.EOS and tok.eos_token_id is not None
 
 
 def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
@@ -50,7 +41,7 @@ def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
   for i in range(6):
     (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
   source = f'files:{corpus}/*.txt'
-  tok = data.train_bpe(data.iter_documents(source, 'train'), vocab_size=300)
+  tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
   stream = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   assert stream.size > 0 and int(np.sum(stream == tok.eos_token_id)) == 5
   monkeypatch.setattr(data, 'iter_documents',
@@ -63,16 +54,16 @@ def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
 
 def test_validation_split_is_stable_and_never_empty(tmp_path):
   names = [f'f{i}.py' for i in range(500)]
-  chosen = data.validation_names(names)
-  assert 3 <= len(chosen) <= 20 and chosen == data.validation_names(list(reversed(names)))
-  assert len(data.validation_names(['a.py', 'b.py'])) == 1
+  chosen = sources.validation_names(names)
+  assert 3 <= len(chosen) <= 20 and chosen == sources.validation_names(list(reversed(names)))
+  assert len(sources.validation_names(['a.py', 'b.py'])) == 1
 
 
 def test_files_source_skips_non_utf8_files_by_name(tmp_path, caplog):
   (tmp_path / 'good.txt').write_text('hello')
   (tmp_path / 'bad.txt').write_bytes(b'\xff\xfe\x00bad')
-  docs = list(data.iter_documents(f'files:{tmp_path}/*.txt', 'train')) + list(
-      data.iter_documents(f'files:{tmp_path}/*.txt', 'validation'))
+  docs = list(sources.iter_documents(f'files:{tmp_path}/*.txt', 'train')) + list(
+      sources.iter_documents(f'files:{tmp_path}/*.txt', 'validation'))
   assert docs == ['hello']
   assert 'bad.txt' in caplog.text
 
@@ -83,11 +74,11 @@ def test_files_source_skips_non_utf8_files_by_name(tmp_path, caplog):
 ])
 def test_bad_sources(source, message):
   with pytest.raises(data.DataError, match=message):
-    list(data.iter_documents(source, 'train'))
+    list(sources.iter_documents(source, 'train'))
 
 
 def test_stdlib_source_finds_the_standard_library():
-  files = data.stdlib_files()
+  files = sources.stdlib_files()
   assert len(files) > 100
   assert any(f.name == 'json' or f.parent.name == 'json' for f in files)
 
@@ -95,17 +86,17 @@ def test_stdlib_source_finds_the_standard_library():
 def test_offline_hub_tokenizer_names_the_alternative(monkeypatch):
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   with pytest.raises(data.DataError, match='configs/tiny.py') as e:
-    data.load_tokenizer('meta-llama/CodeLlama-7b-hf')
+    tokenizer.load_tokenizer('meta-llama/CodeLlama-7b-hf')
   assert '\n' not in str(e.value)
 
 
 def test_tokenizer_in_a_remote_workdir_goes_through_epath(tmp_path, monkeypatch):
   """gs:// workdirs: transformers writes locally; the files are copied via epath."""
-  monkeypatch.setattr(data, 'is_remote', lambda path: True)
+  monkeypatch.setattr(tokenizer, 'is_remote', lambda path: True)
   texts = lambda: ['def f(x):\n    return x + 1\n'] * 50
-  saved = data.load_tokenizer('bpe:300', tmp_path / 'tok', texts)
+  saved = tokenizer.load_tokenizer('bpe:300', tmp_path / 'tok', texts)
   assert (tmp_path / 'tok' / 'tokenizer.json').exists()
-  again = data.load_tokenizer('bpe:300', tmp_path / 'tok', lambda: [])  # no retraining
+  again = tokenizer.load_tokenizer('bpe:300', tmp_path / 'tok', lambda: [])  # no retraining
   ids = saved('return x + 1')['input_ids']
   assert again('return x + 1')['input_ids'] == ids and len(ids) > 1
 
@@ -121,15 +112,15 @@ def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
       (root / name).parent.mkdir(parents=True, exist_ok=True)
       (root / name).write_text(text)
     source = f'files:{root}/**/*.py'
-    splits.append([list(data.iter_documents(source, split))
+    splits.append([list(sources.iter_documents(source, split))
                    for split in ('train', 'validation')])
   assert splits[0] == splits[1]
   train, validation = splits[0]
   assert 1 <= len(validation) < 12 and len(train) + len(validation) == 120
   # The held-out documents are those whose relative names hash into the split.
-  expected = data.validation_names(sorted(docs))
+  expected = sources.validation_names(sorted(docs))
   assert sorted(validation) == sorted(docs[n] for n in expected)
-  tok = data.train_bpe(train, vocab_size=300)
+  tok = tokenizer.train_bpe(train, vocab_size=300)
   for root in (tmp_path / 'a', tmp_path / 'deeper' / 'copy' / 'b'):
     streams.append(np.asarray(data.load_token_stream(
         f'files:{root}/**/*.py', 'validation', tok, tmp_path / 'cache')))

@@ -6,7 +6,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_evaluate_a_run(runs):
+def test_evaluate_a_run(runs, ar_run):
   vae_dir, dit_dir = runs
   out = subprocess.run(
       [sys.executable, '-m', 'tokcom_jax.evaluate', f'--workdir={dit_dir}',
@@ -31,9 +31,25 @@ def test_evaluate_a_run(runs):
   assert result['gen_unigram_entropy'] > 0 and result['seconds_per_sample'] > 0
   assert result['gen_frechet_latent_distance'] >= 0
   assert sorted(os.path.basename(p) for p in result['plots']) == [
-      'decodability.png', 'diffusion_loss.png', 'vae_loss.png']
+      'decodability.png', 'diffusion_loss.png', 'generation_quality.png',
+      'vae_loss.png']
   assert all(open(p, 'rb').read(4) == b'\x89PNG' for p in result['plots'])
   assert len(open(os.path.join(dit_dir, 'eval_samples.jsonl')).readlines()) == 6
+  # Generation quality, scored by the ar run found beside the diffusion run.
+  gq = result['generation_quality']
+  assert os.path.samefile(gq['reference'], ar_run)
+  assert list(gq['rows']) == ['real', 'shuffled', 'tokcom', 'ar']
+  for row in gq['rows'].values():
+    # (a confident model can give text off its data more than 1/V per token)
+    assert 1.0 < row['perplexity'] < 1e6 and 0 <= row['chunk_validity'] <= 1
+    assert row['unigram_entropy'] > 0 and row['num_texts'] == 6
+  # The micro corpus repeats two programs: real windows are made of chunks the
+  # training stream has; the same words shuffled and joined by spaces are not.
+  real, shuffled = gq['rows']['real'], gq['rows']['shuffled']
+  assert real['chunk_validity'] > 0.5, gq
+  assert shuffled['chunk_validity'] < real['chunk_validity'] - 0.25, gq
+  # ... and the reference, trained on that corpus, finds real text far likelier.
+  assert real['perplexity'] * 10 < shuffled['perplexity'], gq
 
   # A VAE run gets the VAE metrics only; a missing run is a one-line error.
   vae = subprocess.run(

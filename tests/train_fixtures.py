@@ -68,3 +68,18 @@ def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:
       source, cache, stage='diffusion', vae_workdir=vae_dir,
       **{'vae.hidden_size': 64, 'vae.latent_dim': 16}), dit_dir).run()
   return vae_dir, dit_dir
+
+
+def train_ar_run(runs: tuple[str, str]) -> str:
+  """A micro autoregressive run beside the sampling runs (same corpus and cache), so
+  that `evaluate` finds it as the reference of the diffusion run."""
+  from tokcom_jax import train_lib
+  root = pathlib.Path(runs[1]).parent
+  ar_dir = str(root / 'ar')
+  train_lib.Trainer(micro_config(
+      f'files:{root}/text/*.txt', str(root / 'cache'), stage='ar',
+      **{'train.ar.num_steps': 200, 'train.ar.lr': 3e-3, 'log_every': 100,
+         'eval_every': 200, 'sample_every': 1000, 'ar.hidden_size': 32, 'ar.num_layers': 1,
+         'ar.num_heads': 2, 'ar.num_kv_heads': 1, 'ar.intermediate_size': 64}),
+      ar_dir).run()
+  return ar_dir

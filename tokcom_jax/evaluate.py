@@ -1,6 +1,7 @@
 """Evaluates a trained run: the VAE, the flow model, and generated text.
 
     python -m tokcom_jax.evaluate --workdir runs/tiny/diffusion [--num_samples 64 --steps 50]
+    python -m tokcom_jax.evaluate --workdir runs/tiny/diffusion --reference runs/tiny/ar
 
 Prints one JSON object and writes the same to <workdir>/eval.json; plots go to
 <workdir>/plots/. All held-out numbers use the validation split the run trained
@@ -15,6 +16,12 @@ Metrics:
   gen_frechet_latent_distance                     generated vs real, encoder latents
   gen_roundtrip_token_accuracy                    decode → encode → decode agreement
   seconds_per_sample                              wall time after compilation
+  generation_quality.rows[real|shuffled|tokcom|ar] perplexity under the reference
+                                                  `ar` run, unigram entropy, chunk
+                                                  validity (see tokcom_jax.quality)
+
+An `ar` run gets its own samples' generation quality; a diffusion run gets TokCom's
+and, beside it, the reference `ar` run's samples (drawn at temperature 1).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 import numpy as np
 from etils import epath
 
+from tokcom_jax.errors import DataError, SamplingError
 from tokcom_jax.text_metrics import (distinct_n, frechet_latent_distance,
                                      repeat_ngram_rate, unigram_entropy)
 
@@ -172,14 +180,19 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
 
 
 def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
-             num_windows: int = 256, batch_size: int = 32, seed: int = 0) -> dict:
-  """All metrics of a run; writes eval.json and plots into `workdir`."""
-  from tokcom_jax import data, sampling, sources
+             num_windows: int = 256, batch_size: int = 32, seed: int = 0,
+             reference: str | None = None) -> dict:
+  """All metrics of a run; writes eval.json and plots into `workdir`.
+
+  `reference`: the `ar` run that scores generation quality (default: the newest
+  `ar` run beside `workdir`, or `workdir` itself when it is one)."""
+  from tokcom_jax import data, quality, sampling
 
   if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
-    raise sampling.SamplingError('--steps, --num_samples, --num_windows and'
-                                 ' --batch_size must be positive.')
+    raise SamplingError('--steps, --num_samples, --num_windows and --batch_size must'
+                        ' be positive.')
   model = sampling.load(workdir)
+  is_ar = isinstance(model, sampling.AutoregressiveLM)
   c = model.config
   stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
                                   c.data.cache_dir or None, c.data.text_column,
@@ -187,25 +200,51 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
   windows = data.Windows(stream, c.max_length)
   n = min(num_windows, windows.num_windows)
   if n == 0:
-    raise data.DataError(f'the validation split of {c.data.source} is shorter than'
-                         f' one window of {c.max_length} tokens.')
+    raise DataError(f'the validation split of {c.data.source} is shorter than one'
+                    f' window of {c.max_length} tokens.')
   # Evenly spread over the split, not just its first documents.
   real = windows.get(np.linspace(0, windows.num_windows - 1, n).astype(np.int64))
   logging.info('evaluating %s on %d held-out windows', workdir, n)
-  result = {'workdir': workdir if sources.is_remote(workdir) else os.path.abspath(workdir),
-            'num_windows': int(n)}
-  result.update(vae_metrics(model, real, batch_size, seed))
-  samples = []
-  if model.dit_params is not None:
+  result, samples, texts, plots = {'workdir': str(workdir), 'num_windows': int(n)}, [], {}, []
+  if is_ar:
+    samples = model.generate(num_samples, seed=seed, batch_size=batch_size)
+    texts['ar'] = samples
+    result.update(num_samples=num_samples, ar_temperature=1.0)
+    plots = [('ar', workdir)]
+  else:
+    result.update(vae_metrics(model, real, batch_size, seed))
+    plots = [('vae', model.vae_workdir)]
+  if not is_ar and model.dit_params is not None:
     result.update(flow_metrics(model, real, batch_size, seed))
     gen, samples = generation_metrics(model, real, num_samples, steps, batch_size,
                                       seed)
     result.update(num_samples=num_samples, steps=steps, **gen)
-  runs = {'vae': model.vae_workdir}
-  if model.dit_params is not None:
-    runs['diffusion'] = workdir
-  result['plots'] = plot(workdir, runs, result['recon_token_accuracy_at_noise'])
+    texts['tokcom'] = samples
+    plots.append(('diffusion', workdir))
+  reference = reference or quality.find_reference(workdir)
+  if texts and reference:
+    ref = model if is_ar and os.path.samefile(reference, workdir) else (
+        sampling.load(reference))
+    if not isinstance(ref, sampling.AutoregressiveLM):
+      raise SamplingError(f'--reference {reference} is not an ar run: train one with'
+                          ' train.py --config …:ar.')
+    if 'ar' not in texts:
+      texts['ar'] = ref.generate(num_samples, seed=seed, batch_size=batch_size)
+    real_texts = [model.tokenizer.decode(w.tolist(), skip_special_tokens=True)
+                  for w in real[:num_samples]]
+    train = data.load_token_stream(c.data.source, 'train', model.tokenizer,
+                                   c.data.cache_dir or None, c.data.text_column,
+                                   c.data.train_split)
+    result['generation_quality'] = quality.generation_quality(
+        {'real': real_texts, 'shuffled': quality.shuffled(real_texts, seed), **texts},
+        ref, train, model.tokenizer, c.chunk_size, batch_size)
+    logging.warning('generation quality (reference %s):\n%s', reference,
+                    quality.markdown_table(result['generation_quality']))
   out = epath.Path(workdir)
+  result['plots'] = plot(workdir, dict(plots), result.get('recon_token_accuracy_at_noise'))
+  if 'generation_quality' in result:
+    result['plots'].append(quality.plot(result['generation_quality'],
+                                        out / 'plots' / 'generation_quality.png'))
   (out / 'eval.json.tmp').write_text(json.dumps(result, indent=2))
   (out / 'eval.json.tmp').replace(out / 'eval.json')
   if samples:
@@ -219,14 +258,16 @@ def main(argv):
   from absl import flags
   F = flags.FLAGS
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
-                    F.seed)
+                    F.seed, F.reference)
   print(json.dumps(result, indent=2))
 
 
 def _define_flags():
   from absl import flags
-  flags.DEFINE_string('workdir', None, 'The run to evaluate (a diffusion run, or a'
-                      ' VAE run for the VAE metrics only).', required=True)
+  flags.DEFINE_string('workdir', None, 'The run to evaluate: a diffusion run, an ar'
+                      ' run, or a VAE run (VAE metrics only).', required=True)
+  flags.DEFINE_string('reference', None, 'The ar run that scores generation quality'
+                      ' (default: the newest ar run beside --workdir).')
   flags.DEFINE_integer('num_samples', 64, 'Texts to generate.')
   flags.DEFINE_integer('steps', 50, 'Euler steps per sample.')
   flags.DEFINE_integer('num_windows', 256, 'Held-out windows to evaluate on.')

@@ -6,6 +6,9 @@
     z = model.encode('def f(x):\n    return x\n')      # [N, Z] numpy latents
     print(model.decode(z))
 
+    baseline = tokcom_jax.load('runs/tiny/ar')          # the autoregressive stage
+    print(baseline.generate(2, prompt='def ')[0])
+
 Compiled functions are cached per (batch size, number of chunks, sampling options);
 the number of Euler steps is a traced value, so changing it does not recompile.
 """
@@ -21,7 +24,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from tokcom_jax import checkpoint, data, flow, sharding, stages, train_state
+from tokcom_jax import checkpoint, flow, lm, sharding, stages, train_state
 from tokcom_jax.decoding import choose_tokens
 from tokcom_jax.errors import CheckpointError, SamplingError
 from tokcom_jax.tokenizer import load_tokenizer
@@ -69,15 +72,10 @@ class TokCom:
   # ----- text ↔ tokens
 
   def _tokens(self, text: str) -> np.ndarray:
-    if not text or not text.strip():
-      raise SamplingError('the input text is empty: pass some text.')
-    ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
-    if not ids:
-      raise SamplingError('the input text tokenizes to nothing: pass other text.')
-    return np.asarray(ids, np.int32)
+    return _tokens(self.tokenizer, text)
 
   def _text(self, ids) -> str:
-    return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+    return _text(self.tokenizer, ids)
 
   # ----- public API
 
@@ -126,8 +124,7 @@ class TokCom:
                           ' the number the model was trained on.')
     if steps < 1:
       raise SamplingError(f'steps must be a positive number, got {steps}.')
-    if num_samples < 1:
-      raise SamplingError(f'num_samples must be a positive number, got {num_samples}.')
+    _check_counts(num_samples, batch_size)
     K, Z = self.chunk_size, self.latent_dim
     known_mask = np.zeros((N,), bool)
     known = np.zeros((N, Z), np.float32)
@@ -177,14 +174,112 @@ class TokCom:
                                    jax.random.key(0), 0.0, 0, 1.0))
 
 
+class AutoregressiveLM:
+  """A trained autoregressive baseline (an `ar` run): generate text, score text.
+
+  A sample starts after EOS, the token that separates documents in the training
+  stream, so that it begins where a document begins; a prompt follows the EOS.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer, params,
+               workdir: str = ''):
+    self.config, self.tokenizer, self.params, self.workdir = (
+        config, tokenizer, params, workdir)
+    self.graphdef = nnx.graphdef(nnx.eval_shape(
+        lambda: stages.get(config, 'ar').build(nnx.Rngs(0))))
+    self.max_length = config.max_length
+    self.eos = tokenizer.eos_token_id
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _token_ce(self, params, tokens_BT):
+    return lm.token_ce(nnx.merge(self.graphdef, params), tokens_BT)
+
+  def sample(self, num_samples: int = 1, num_tokens: int | None = None,
+             seed: int = 0, prompt: str | None = None, batch_size: int | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+             ) -> np.ndarray:
+    """Token ids [S, P + num_tokens]: the prompt's P tokens, then the new ones
+    (default: as many as fit in the trained context of max_length)."""
+    prompt_ids = _tokens(self.tokenizer, prompt) if prompt else np.zeros(0, np.int32)
+    room = self.max_length - 1 - len(prompt_ids)
+    num_tokens = room if num_tokens is None else num_tokens
+    if room < 1:
+      raise SamplingError(f'the prompt is {len(prompt_ids)} tokens, which leaves'
+                          f' nothing of the {self.max_length}-token context: shorten it.')
+    if not 0 < num_tokens <= room:
+      raise SamplingError(f'num_tokens {num_tokens} must be between 1 and {room}'
+                          ' (the trained context less the prompt).')
+    _check_counts(num_samples, batch_size)
+    batch_size = batch_size or num_samples
+    P, out = len(prompt_ids), []
+    for first in range(0, num_samples, batch_size):
+      B = min(batch_size, num_samples - first)
+      buffer = np.full((B, self.max_length), self.eos, np.int32)
+      buffer[:, 1:1 + P] = prompt_ids
+      tokens = lm.generate(self.graphdef, self.params, buffer, 1 + P,
+                           jax.random.fold_in(jax.random.key(seed), first),
+                           max_new_tokens=num_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p)
+      out.append(np.asarray(tokens)[:, 1:1 + P + num_tokens])
+    return np.concatenate(out)
+
+  def generate(self, num_samples: int = 1, num_tokens: int | None = None,
+               seed: int = 0, prompt: str | None = None, batch_size: int | None = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+               ) -> list[str]:
+    """Texts sampled token by token (KV cache); with `prompt`, each starts with it."""
+    tokens = self.sample(num_samples, num_tokens, seed, prompt, batch_size,
+                         temperature, top_k, top_p)
+    skip = len(_tokens(self.tokenizer, prompt)) if prompt else 0
+    return [(prompt or '') + _text(self.tokenizer, row[skip:]) for row in tokens]
+
+  def token_ce(self, token_lists, batch_size: int = 32) -> list[np.ndarray]:
+    """Per-token cross-entropy (nats) of each token sequence under this model, each
+    token predicted from EOS and the tokens before it; sequences longer than the
+    context less one are cut to it."""
+    L = self.max_length
+    rows = [np.concatenate([[self.eos], np.asarray(t, np.int32)[:L - 1]])
+            for t in token_lists]
+    out = []
+    for first in range(0, len(rows), batch_size):
+      batch = rows[first:first + batch_size]
+      buffer = np.full((len(batch), L), self.eos, np.int32)
+      for i, r in enumerate(batch):
+        buffer[i, :len(r)] = r
+      ce = np.asarray(self._token_ce(self.params, jnp.asarray(buffer)))
+      out.extend(ce[i, :len(r) - 1] for i, r in enumerate(batch))
+    return out
+
+
+def _check_counts(num_samples: int, batch_size: int | None) -> None:
+  if num_samples < 1:
+    raise SamplingError(f'num_samples must be a positive number, got {num_samples}.')
+  if batch_size is not None and batch_size < 1:
+    raise SamplingError(f'batch_size must be a positive number, got {batch_size}.')
+
+
+def _tokens(tokenizer, text: str) -> np.ndarray:
+  if not text or not text.strip():
+    raise SamplingError('the input text is empty: pass some text.')
+  ids = tokenizer(text, add_special_tokens=False)['input_ids']
+  if not ids:
+    raise SamplingError('the input text tokenizes to nothing: pass other text.')
+  return np.asarray(ids, np.int32)
+
+
+def _text(tokenizer, ids) -> str:
+  return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
 def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(meta['config'])
   config.lock()
   return config
 
 
-def load(workdir: str) -> TokCom:
-  """Loads what train.py wrote in `workdir` (a stage-2 run, or a stage-1 VAE run)."""
+def load(workdir: str) -> TokCom | AutoregressiveLM:
+  """Loads what train.py wrote in `workdir`: a TokCom (from a stage-2 run, or the
+  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run)."""
   _, meta = checkpoint.read_meta(workdir)
   config = _config_from_meta(meta)
   tokenizer_dir = meta['tokenizer_dir']
@@ -195,6 +290,9 @@ def load(workdir: str) -> TokCom:
   mesh = sharding.make_mesh(-1, 1)
   restore = lambda run, stage: checkpoint.restore_params(
       run, train_state.abstract_params(stages.get(config, stage).build, mesh)[1])[0]
+  if meta['stage'] == 'ar':
+    return AutoregressiveLM(config, tokenizer, restore(workdir, 'ar'),
+                            workdir=str(workdir))
   if meta['stage'] == 'vae':
     return TokCom(config, tokenizer, restore(workdir, 'vae'), workdir=str(workdir))
   # Runs written before frozen models were recorded by name kept `vae_workdir`.

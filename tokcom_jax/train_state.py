@@ -43,8 +43,10 @@ def make_optimizer(train_config, lr: float, total_steps: int):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, min(tc.warmup_steps, updates - 1) if updates > 1 else 0, updates,
       end_value=0.1 * lr)
-  # No weight decay on vectors (norm scales, biases).
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  # Weight decay on weight matrices and embeddings only: never on norm scales or
+  # biases (attention's q/k/v biases are [heads, head_dim], so ndim cannot tell).
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and _name(path[-1]) != 'bias', params)
   tx = optax.chain(
       optax.clip_by_global_norm(tc.grad_clip),
       optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
@@ -52,6 +54,10 @@ def make_optimizer(train_config, lr: float, total_steps: int):
   if tc.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
   return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), schedule
+
+
+def _name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'name', key)))
 
 
 def opt_state_shardings(optimizer, params, mesh):
