@@ -3,6 +3,12 @@ import sys
 
 # Tests run on the CPU, whatever the machine has, and import the repo's packages.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the tests and every subprocess they start
+# (train.py, sample.py, evaluate): the same micro models compile once, not per
+# process. Results do not depend on it; only compile time does.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.path.expanduser('~'), '.cache', 'tokcom_jax', 'jax_test_compilation_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

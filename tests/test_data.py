@@ -126,3 +126,39 @@ def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
         f'files:{root}/**/*.py', 'validation', tok, tmp_path / 'cache')))
   np.testing.assert_array_equal(streams[0], streams[1])
   assert streams[0].size > 0
+
+
+def test_a_changed_file_makes_a_new_token_cache(tmp_path):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
+  source = f'files:{corpus}/*.txt'
+  tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
+  before = np.asarray(data.load_token_stream(source, 'train', tok, tmp_path / 'c'))
+  (corpus / 'doc1.txt').write_text('a different text ' * 30)
+  after = np.asarray(data.load_token_stream(source, 'train', tok, tmp_path / 'c'))
+  assert len(list((tmp_path / 'c').glob('*.npy'))) == 2
+  assert not np.array_equal(before, after)
+  np.testing.assert_array_equal(after, data.tokenize_to_stream(
+      sources.iter_documents(source, 'train'), tok))
+
+
+def test_a_bpe_is_trained_once_per_corpus_and_shared_by_runs(tmp_path, monkeypatch):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f'doc{i}.txt').write_text(f'def f{i}(x):\n    return x + {i}\n' * 9)
+  from configs import tiny
+  config = tiny.get_config('ar,tokenizer=bpe:300,vocab_size=300')
+  config.unlock()
+  config.data.source = f'files:{corpus}/*.txt'
+  config.data.cache_dir = str(tmp_path / 'cache')
+  first = tokenizer.run_tokenizer(config, tmp_path / 'run1' / 'tokenizer')
+  monkeypatch.setattr(tokenizer, 'train_bpe',
+                      lambda *a: pytest.fail('the trained tokenizer was not reused'))
+  second = tokenizer.run_tokenizer(config, tmp_path / 'run2' / 'tokenizer')
+  assert tokenizer.tokenizer_fingerprint(first) == tokenizer.tokenizer_fingerprint(
+      second)
+  assert (tmp_path / 'run2' / 'tokenizer' / 'tokenizer_config.json').exists()
+  assert not list((tmp_path / 'run2').glob('.tokenizer-*'))  # no temporary left

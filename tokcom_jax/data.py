@@ -20,16 +20,14 @@ import numpy as np
 from tqdm import tqdm
 
 from tokcom_jax.errors import DataError
-from tokcom_jax.sources import iter_documents
+from tokcom_jax.sources import cache_root, fingerprint, iter_documents
 from tokcom_jax.tokenizer import tokenizer_fingerprint
 
-def default_cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get(
-      'TOKCOM_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'tokcom_jax')))
-
-
 def cache_path(cache_dir, source: str, split: str, tokenizer) -> pathlib.Path:
-  key = hashlib.sha256(f'{source}|{split}|{tokenizer_fingerprint(tokenizer)}'.encode())
+  """One file per (source's files, split, tokenizer): a changed corpus or tokenizer
+  gets a new cache, never a stale one."""
+  key = hashlib.sha256(
+      f'{fingerprint(source)}|{split}|{tokenizer_fingerprint(tokenizer)}'.encode())
   safe = ''.join(c if c.isalnum() else '_' for c in source)[:40]
   return pathlib.Path(cache_dir) / f'{safe}-{split}-{key.hexdigest()[:16]}.npy'
 
@@ -64,7 +62,7 @@ def load_token_stream(source: str, split: str, tokenizer, cache_dir=None,
   The cache file is written to a temporary name and renamed into place, so a crash
   or a kill never leaves a partial cache behind.
   """
-  path = cache_path(cache_dir or default_cache_dir(), source, split, tokenizer)
+  path = cache_path(cache_dir or cache_root(), source, split, tokenizer)
   if not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = tokenize_to_stream(

@@ -28,7 +28,7 @@ from tokcom_jax.errors import DataError
 
 VAL_PER_MILLE = 20  # documents hashed into [0, 20) of 1000 are validation (2%)
 OFFLINE_HINT = ('if the hub cannot be reached, run offline with'
-                ' `--config configs/tiny.py` (stdlib corpus, BPE tokenizer) or'
+                ' `--config configs/tiny.py:all` (stdlib corpus, BPE tokenizer) or'
                 ' `--config.tokenizer=bpe:8192 --config.data.source=stdlib`.')
 
 
@@ -80,6 +80,43 @@ def _read_files(paths: Iterable[pathlib.Path], root: pathlib.Path, split: str
       logging.warning('skipping %s: not UTF-8 text', path)
 
 
+def _files(source: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+  """(corpus root, sorted files) of a `files:<glob>` source."""
+  pattern = os.path.expanduser(source[len('files:'):])
+  paths = sorted(pathlib.Path(p) for p in globlib.glob(pattern, recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise DataError(f'data source {source!r} matches no files: check the glob'
+                    ' (quote it so the shell does not expand it).')
+  return glob_root(pattern), paths
+
+
+def fingerprint(source: str) -> str:
+  """What a source's documents depend on, for cache keys: for `stdlib` and
+  `files:`, every file's name (relative to the corpus root), size and modification
+  time, so that a changed, added or removed file makes new caches; for hub sources,
+  their name."""
+  if source == 'stdlib':
+    root, paths = pathlib.Path(sysconfig.get_paths()['stdlib']), stdlib_files()
+  elif source.startswith('files:'):
+    root, paths = _files(source)
+  else:
+    return source
+  digest = hashlib.sha256()
+  for path in paths:
+    stat = path.stat()
+    digest.update(f'{path.relative_to(root).as_posix()}|{stat.st_size}|'
+                  f'{stat.st_mtime_ns}\n'.encode())
+  return f'{source}|{digest.hexdigest()[:16]}'
+
+
+def cache_root() -> pathlib.Path:
+  """Where token caches and trained tokenizers live: $TOKCOM_JAX_CACHE, else
+  ~/.cache/tokcom_jax."""
+  return pathlib.Path(os.environ.get(
+      'TOKCOM_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'tokcom_jax')))
+
+
 def iter_documents(source: str, split: str, text_column: str = 'text',
                    hf_split: str | None = None) -> Iterator[str]:
   """The documents of `split` ('train' or 'validation') of a source."""
@@ -87,13 +124,8 @@ def iter_documents(source: str, split: str, text_column: str = 'text',
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
     yield from _read_files(stdlib_files(), root, split)
   elif source.startswith('files:'):
-    pattern = os.path.expanduser(source[len('files:'):])
-    paths = sorted(pathlib.Path(p) for p in globlib.glob(pattern, recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
-      raise DataError(f'data source {source!r} matches no files: check the glob'
-                      ' (quote it so the shell does not expand it).')
-    yield from _read_files(paths, glob_root(pattern), split)
+    root, paths = _files(source)
+    yield from _read_files(paths, root, split)
   elif source.startswith('hf:'):
     yield from _hf_documents(source, hf_split or split, text_column)
   elif source.startswith('tfds:'):

@@ -10,13 +10,15 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Callable, Iterable
 
 from etils import epath
 
 from tokcom_jax.errors import ConfigError, DataError
-from tokcom_jax.sources import OFFLINE_HINT, hub_reachable, is_remote, iter_documents
+from tokcom_jax.sources import (OFFLINE_HINT, cache_root, fingerprint, hub_reachable,
+                                is_remote, iter_documents)
 
 EOS = '<|endoftext|>'
 PAD = '<pad>'
@@ -38,11 +40,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
 
 def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
-                   train_texts: Callable[[], Iterable[str]] | None = None):
+                   train_texts: Callable[[], Iterable[str]] | None = None,
+                   trained_dir: str | os.PathLike | None = None):
   """`bpe:<vocab>` (trained once on `train_texts`, then reused) or a hub name/path.
 
   When `save_dir` holds a saved tokenizer it is loaded from there, so a resumed run,
-  stage 2 and the sampler all see the tokenizer the run was trained with.
+  stage 2 and the sampler all see the tokenizer the run was trained with. A BPE
+  trained on the same corpus before is read from `trained_dir` instead of being
+  trained again (every stage and run on one corpus then shares one tokenizer).
   """
   from transformers import AutoTokenizer
   if save_dir and (epath.Path(save_dir) / 'tokenizer_config.json').exists():
@@ -55,8 +60,13 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
                       ) from None
     if train_texts is None:
       raise DataError(f'tokenizer {spec!r} must be trained, but there is no text.')
-    logging.info('training a %d-token byte-level BPE tokenizer', vocab_size)
-    tokenizer = train_bpe(train_texts(), vocab_size)
+    if trained_dir and (pathlib.Path(trained_dir) / 'tokenizer_config.json').exists():
+      tokenizer = AutoTokenizer.from_pretrained(str(trained_dir))
+    else:
+      logging.info('training a %d-token byte-level BPE tokenizer', vocab_size)
+      tokenizer = train_bpe(train_texts(), vocab_size)
+      if trained_dir:
+        _save_tokenizer(tokenizer, trained_dir)
   else:
     try:
       local = os.path.isdir(spec) or not hub_reachable()
@@ -84,8 +94,16 @@ def _local_dir(path) -> str:
 
 
 def _save_tokenizer(tokenizer, save_dir) -> None:
+  """Written whole or not at all: into a temporary directory beside `save_dir`,
+  then renamed (a kill mid-write leaves no half tokenizer behind)."""
   if not is_remote(save_dir):
-    tokenizer.save_pretrained(str(save_dir))
+    save_dir = pathlib.Path(save_dir)
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(dir=save_dir.parent, prefix='.tokenizer-'))
+    tokenizer.save_pretrained(str(tmp))
+    if save_dir.exists():  # an empty or partial directory from before
+      shutil.rmtree(save_dir)
+    os.replace(tmp, save_dir)
     return
   # transformers writes local files only: save, then copy to the bucket.
   with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +118,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def tokenizers_version() -> str:
+  import tokenizers
+  return tokenizers.__version__
+
+
 def run_tokenizer(config, save_dir):
   """The run's tokenizer: loaded from `save_dir`, or made (a BPE trained on the
   training split) by process 0 and saved there for the others and for the sampler."""
@@ -108,8 +131,12 @@ def run_tokenizer(config, save_dir):
   c = config
   texts = lambda: iter_documents(c.data.source, 'train', c.data.text_column,
                                  c.data.train_split)
+  key = '|'.join([c.tokenizer, fingerprint(c.data.source), c.data.text_column,
+                  c.data.train_split, tokenizers_version()])
+  trained = (pathlib.Path(c.data.cache_dir or cache_root()) / 'tokenizers'
+             / hashlib.sha256(key.encode()).hexdigest()[:16])
   if jax.process_index() == 0:
-    tokenizer = load_tokenizer(c.tokenizer, save_dir, texts)
+    tokenizer = load_tokenizer(c.tokenizer, save_dir, texts, trained)
   if jax.process_count() > 1:  # the others read what process 0 trained and saved
     multihost_utils.sync_global_devices('tokenizer')
     if jax.process_index() != 0:
