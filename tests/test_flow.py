@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokcom_jax import flow
+from tokcom_jax import dit, flow
 
 
 def test_interpolate_endpoints_and_midpoint():
@@ -42,22 +42,22 @@ def test_loss_reports_ce_and_mse_separately():
 def test_euler_sampler_with_oracle_lands_exactly_on_x1(steps):
   x1 = jax.random.normal(jax.random.key(0), (2, 5, 3))
   x0 = 0.05 * jax.random.normal(jax.random.key(1), (2, 5, 3))
-  out = jax.jit(lambda x0, s: flow.euler_sample(lambda x_t, t: x1, x0, s))(x0, steps)
+  out = jax.jit(lambda x0, s: flow.euler_sample(lambda x_t, t, *_: x1, x0, s))(x0, steps)
   np.testing.assert_array_equal(out, x1)
 
 
 def test_euler_sampler_follows_the_straight_path():
   # With a constant prediction c, after k of n steps x = (1 - k/n)·x0 + (k/n)·c.
   x0, c = jnp.zeros((1, 1, 1)), jnp.ones((1, 1, 1))
-  out = flow.euler_sample(lambda x, t: c, x0, 4)
+  out = flow.euler_sample(lambda x, t, *_: c, x0, 4)
   np.testing.assert_allclose(out, 1.0)
-  half = flow.euler_sample(lambda x, t: jnp.where(t[:, None, None] < 0.5, c, x), x0, 4)
+  half = flow.euler_sample(lambda x, t, *_: jnp.where(t[:, None, None] < 0.5, c, x), x0, 4)
   np.testing.assert_allclose(half, 0.5, rtol=1e-6)  # stops moving at t = 0.5
 
 
 def test_one_compile_serves_any_number_of_steps():
   traces = []
-  def oracle(x_t, t):
+  def oracle(x_t, t, *_):
     return jnp.ones_like(x_t)
   @jax.jit
   def sample(x0, steps):
@@ -75,7 +75,7 @@ def test_known_latents_end_exactly_at_their_values(steps):
   known = jax.random.normal(jax.random.key(2), (2, 6, 3))
   mask = jnp.array([[True, True, False, False, False, False]] * 2)
   model_guess = jax.random.normal(jax.random.key(3), (2, 6, 3))
-  out = flow.euler_sample(lambda x_t, t: model_guess, x0, steps, known_mask_BN=mask, known_BNZ=known)
+  out = flow.euler_sample(lambda x_t, t, *_: model_guess, x0, steps, known_mask_BN=mask, known_BNZ=known)
   np.testing.assert_array_equal(out[:, :2], known[:, :2])
   np.testing.assert_array_equal(out[:, 2:], model_guess[:, 2:])
 
@@ -85,10 +85,98 @@ def test_known_latents_ride_their_interpolation_path():
   known = jnp.full((1, 2, 1), 4.0)
   mask = jnp.array([[True, False]])
   inputs = []
-  def model(x_t, t):
+  def model(x_t, t, *_):
     inputs.append(x_t)
     return jnp.zeros_like(x_t)
   with jax.disable_jit():
     flow.euler_sample(model, x0, 4, known_mask_BN=mask, known_BNZ=known)
   held = [float(x[0, 0, 0]) for x in inputs]
   assert held == [0.0, 1.0, 2.0, 3.0]  # (1-t)·0 + t·4 at t = 0, 1/4, 2/4, 3/4
+
+
+def gaussian_predictor(mean, var, noise_std):
+  """E[x1 | x_t] for x1 ~ N(mean, var) per dimension and x0 ~ N(0, noise_std²):
+  x_t = (1-t)x0 + t·x1 is jointly Gaussian with x1, so the posterior mean is linear
+  in x_t — the exact x1-predictor of this data."""
+  def predict(x_t, t, *_):
+    t = t[:, None, None]
+    var_t = (1 - t) ** 2 * noise_std ** 2 + t ** 2 * var
+    return mean + t * var / var_t * (x_t - t * mean)
+  return predict
+
+
+def test_euler_with_the_analytic_predictor_reproduces_the_data_distribution():
+  """With the exact predictor, the sampler turns noise into the data's mean and
+  variance: a check of the sampler, independent of training."""
+  mean = jnp.array([1.5, -2.0, 0.0])
+  var = jnp.array([0.25, 4.0, 1.0])
+  x0 = flow.sample_noise(jax.random.key(0), (4000, 8, 3), 1.0)
+  x = flow.euler_sample(gaussian_predictor(mean, var, 1.0), x0, 400).reshape(-1, 3)
+  np.testing.assert_allclose(x.mean(0), mean, atol=0.03)
+  np.testing.assert_allclose(x.var(0), var, rtol=0.03)
+
+
+def variance_ratio(noise_std, steps, shift, std=0.6):
+  x0 = flow.sample_noise(jax.random.key(0), (4000, 8, 3), noise_std)
+  x = flow.euler_sample(gaussian_predictor(0.0, std ** 2, noise_std), x0, steps,
+                        shift=shift)
+  return float(x.var() / std ** 2)
+
+
+def test_tiny_noise_needs_a_grid_shifted_toward_noise():
+  """v5.2's noise (0.05 against latents of std 0.6) on a uniform 50-step grid loses
+  a fifth of the data's variance even with the exact predictor: nearly all the
+  content is decided in the first few steps. A grid shifted toward the noisy end
+  recovers most of it; at noise the size of the data the uniform grid is right."""
+  assert variance_ratio(0.05, 50, 1.0) < 0.85
+  assert variance_ratio(0.05, 50, 12.0) > 0.93
+  assert variance_ratio(1.0, 50, 1.0) > 0.93
+
+
+def test_time_grid_and_shift():
+  for shift in (1.0, 3.0, 0.5):
+    grid = np.array([flow.grid_time(i, 10, shift) for i in range(11)])
+    assert grid[0] == 0.0 and grid[-1] == 1.0
+    assert np.all(np.diff(grid) > 0)
+  np.testing.assert_allclose([flow.grid_time(i, 4) for i in range(5)],
+                             [0, 0.25, 0.5, 0.75, 1])
+  # σ = 1 - t = 0.5 moves to 3·0.5 / (1 + 2·0.5) = 0.75: t = 0.25.
+  np.testing.assert_allclose(flow.shift_t(jnp.float32(0.5), 3.0), 0.25)
+  t = flow.sample_t(jax.random.key(0), 20000, shift=3.0)
+  # P(t < 0.25) = P(u < 0.5) for the shifted uniform.
+  assert abs(float(jnp.mean(t < 0.25)) - 0.5) < 0.02
+
+
+def test_standardization_round_trips_exactly_and_self_conditioning_input_is_optional():
+  from flax import nnx
+
+  from tests import helpers
+  model = dit.LatentFlowTransformer(helpers.tiny_dit_config(standardize=True,
+                                                            self_condition=True),
+                                    rngs=nnx.Rngs(0))
+  model.latent_mean.value = jnp.linspace(-1, 1, 16)
+  model.latent_std.value = jnp.linspace(0.5, 2, 16)
+  z = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  np.testing.assert_allclose(model.to_latent(model.to_flow(z)), z, atol=1e-6)
+  np.testing.assert_allclose(model.to_flow(z), (z - model.latent_mean.value)
+                             / model.latent_std.value, rtol=1e-6)
+  # Self-conditioning: no estimate and a zero estimate are the same input.
+  params = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(params)
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]))
+  t = jnp.array([0.3, 0.7])
+  np.testing.assert_array_equal(model(z, t), model(z, t, jnp.zeros_like(z)))
+  assert float(jnp.max(jnp.abs(model(z, t, z) - model(z, t)))) > 1e-3
+
+
+def test_ce_only_where_t_is_large_enough():
+  x1 = jnp.zeros((2, 2, 1))
+  tokens = jnp.array([[0, 1, 0, 1], [0, 1, 0, 1]])
+  decode = lambda x: jnp.broadcast_to(jnp.array([2.0, 0.0]), (2, 4, 2))
+  _, all_ = flow.loss_fn(x1, x1, tokens, jnp.ones_like(tokens), decode)
+  _, first = flow.loss_fn(x1, x1, tokens, jnp.ones_like(tokens), decode,
+                          ce_mask_B=jnp.array([1.0, 0.0]))
+  np.testing.assert_allclose(first['ce'], all_['ce'], rtol=1e-6)  # same rows
+  _, none = flow.loss_fn(x1, x1, tokens, jnp.ones_like(tokens), decode, ce_weight=0.0)
+  assert float(none['loss']) == float(none['mse']) == 0.0 and float(none['ce']) > 0

@@ -38,6 +38,37 @@ def test_generation_is_deterministic_and_keeps_the_prompt(runs):
     assert text.startswith(prompt)
 
 
+def test_a_prompt_ending_inside_a_chunk_conditions_that_chunk(runs):
+  """The prompt's tokens come back verbatim in the token array (not pasted onto the
+  text), and the chunk it ends inside is generated toward its known first tokens:
+  the guided latents decode those tokens likelier than unguided ones from the same
+  noise."""
+  import optax
+  from flax import nnx
+  model = tokcom_jax.load(runs[1])
+  prompt = 'import os\nimport sys\n\n\ndef main'
+  ids = model.tokenizer(prompt, add_special_tokens=False)['input_ids']
+  K, N, Z = 4, model.max_chunks, 16
+  assert len(ids) % K, 'the prompt must end inside a chunk'
+  latents, tokens = model.sample(3, steps=6, seed=2, prompt=prompt)
+  np.testing.assert_array_equal(tokens[:, :len(ids)], np.broadcast_to(ids, (3, len(ids))))
+  held = len(ids) // K
+  prefix = np.zeros((1, N * K), np.int32)
+  prefix_mask = np.zeros((1, N * K), np.float32)
+  prefix[0, held * K:len(ids)] = ids[held * K:]
+  prefix_mask[0, held * K:len(ids)] = 1
+  mask, known = jnp.zeros((1, N), bool), jnp.zeros((1, N, Z))
+  x0 = 0.05 * jax.random.normal(jax.random.key(0), (1, N, Z))
+  plain = model._sample_latents(model.dit_params, x0, 6, mask, known)
+  guided = model._sample_latents_with_prefix(
+      model.dit_params, model.vae_params, x0, 6, mask, known, prefix, prefix_mask,
+      model.encode(prompt)[None])
+  vae = nnx.merge(model.vae_graphdef, model.vae_params)
+  ce = lambda z: float((optax.softmax_cross_entropy_with_integer_labels(
+      vae.decode(z), prefix) * prefix_mask).sum())
+  assert ce(guided) < 0.5 * ce(plain), (ce(guided), ce(plain))
+
+
 def test_prompt_chunks_come_back_exactly(runs):
   model = tokcom_jax.load(runs[1])
   prompt = 'import os\nimport sys\n'

@@ -218,3 +218,31 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, vae_run, tmp_
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .* can be'):
     train_lib.Trainer(config, str(workdir)).run()  # none readable: nothing moved
   assert os.listdir(workdir / 'checkpoints') == ['6']
+
+
+def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tmp_path):
+  """The flow model's latent statistics are the per-dimension mean and std of the
+  frozen encoder's latents on the first training batches, kept in its checkpoint;
+  sampling maps its output back through them."""
+  from tokcom_jax import data, sampling
+  from tokcom_jax.stages.flow import STATS_BATCHES
+  recipe = dict(standardize=True, noise_std=1.0, self_condition=True, t_shift=3.0,
+                ce_weight=0.1, ce_min_t=0.5)
+  config = train_fixtures.micro_config(*corpus, stage='diffusion',
+                                       vae_workdir=vae_run, **recipe)
+  workdir = str(tmp_path / 'diffusion')
+  trainer = train_lib.Trainer(config, workdir)
+  trainer.run()
+  assert sorted(losses(workdir)) == list(range(1, 9))
+  model = sampling.load(workdir)
+  n, B = trainer.train_windows.num_windows, config.train.batch_size
+  windows = np.concatenate([trainer.train_windows.get(data.eval_indices(b, n, B))
+                            for b in range(STATS_BATCHES)])
+  z = model.encode_tokens(windows).reshape(-1, config.vae.latent_dim)
+  params = model.dit_params
+  np.testing.assert_allclose(params['latent_mean'], z.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(params['latent_std'], z.std(0), rtol=1e-3)
+  latents, tokens = model.sample(2, steps=4, seed=0)
+  assert latents.shape == (2, 8, config.vae.latent_dim) and tokens.shape == (2, 32)
+  # Latents come back in the VAE's units: decoding them gives the same tokens.
+  np.testing.assert_array_equal(model.decode_tokens(latents), tokens)

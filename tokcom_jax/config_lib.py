@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, intermediate_size=4864, latent_dim=896,
       rope_theta=1_000_000.0, rms_eps=1e-6, encoder_causal=True,
       decoder_causal=True, kl_weight=0.0, kl_clamp=0.0, latent_noise=0.0,
-      latent_dropout=0.0))
+      latent_dropout=0.0, token_dropout=0.0))
 
   # Stage 2: latent flow transformer.
   c.dit = ml_collections.ConfigDict(dict(
@@ -44,8 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
       intermediate_size=4864, rope_theta=10_000.0, rms_eps=1e-6,
       time_freq_dim=256))
   c.flow = ml_collections.ConfigDict(dict(
-      noise_std=0.05, t_schedule='uniform', t_mean=0.0, t_std=1.0,
-      ce_weight=1.0, mse_weight=1.0))
+      noise_std=0.05, t_schedule='uniform', t_mean=0.0, t_std=1.0, t_shift=1.0,
+      sample_shift=1.0, ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
+      self_condition=False))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.
@@ -68,6 +69,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.wandb = ml_collections.ConfigDict(dict(project='TokCom-v5.2', mode='disabled'))
   return c
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config, on top of every field's default, locked: a run written
+  before a field existed reads it as its default (the recipe it was trained with)."""
+  config = base_config()
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  merge(config, saved)
+  config.lock()
+  return config
 
 
 def _leaf_paths(config, prefix=''):

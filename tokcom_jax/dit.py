@@ -113,6 +113,8 @@ class DiTConfig:
   rope_theta: float = 10_000.0
   rms_eps: float = 1e-6
   time_freq_dim: int = 256
+  standardize: bool = False  # keep per-dimension latent statistics (flow.py)
+  self_condition: bool = False  # read the previous x1 estimate too
   dtype: Any = jnp.float32
 
   @property
@@ -129,7 +131,13 @@ class DiTConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.dit.items() if k in fields}
     return cls(latent_dim=config.vae.latent_dim,
+               standardize=config.flow.standardize,
+               self_condition=config.flow.self_condition,
                dtype=jnp.dtype(config.compute_dtype), **kwargs)
+
+
+class LatentStat(nnx.Variable):
+  """A statistic of the stage-1 latents, measured on data (never by gradients)."""
 
 
 class LatentFlowTransformer(nnx.Module):
@@ -145,6 +153,28 @@ class LatentFlowTransformer(nnx.Module):
     self.blocks = nnx.List(
         [AdaLNZeroBlock(tcfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_layer = AdaLNFinalLayer(tcfg, Z, rngs=rngs)
+    if cfg.self_condition:  # zero at init: the model starts as one that ignores it
+      self.prev_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
+                                    kernel_init=layers.zeros_init, rngs=rngs)
+    if cfg.standardize:  # set from data when stage 2 starts (stages/flow.py)
+      self.latent_mean = LatentStat(jnp.zeros((Z,), jnp.float32))
+      self.latent_std = LatentStat(jnp.ones((Z,), jnp.float32))
+
+  def to_flow(self, z_BNZ: Array) -> Array:
+    """VAE latents → the flow's units (standardized per dimension, if enabled)."""
+    if not self.cfg.standardize:
+      return z_BNZ
+    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
+                                                         self.latent_std))
+    return (z_BNZ - mean) / std
+
+  def to_latent(self, x_BNZ: Array) -> Array:
+    """The flow's units → VAE latents (the inverse of `to_flow`)."""
+    if not self.cfg.standardize:
+      return x_BNZ
+    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
+                                                         self.latent_std))
+    return x_BNZ * std + mean
 
   def body(self, h_BND: Array, cond_BD: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])
@@ -153,8 +183,13 @@ class LatentFlowTransformer(nnx.Module):
                                            positions_N))
     return h_BND
 
-  def __call__(self, x_t_BNZ: Array, t_B: Array) -> Array:
-    """Predicts x1 [B, N, Z] (fp32) from x_t [B, N, Z] and t [B]."""
+  def __call__(self, x_t_BNZ: Array, t_B: Array, x1_prev_BNZ: Array | None = None
+               ) -> Array:
+    """Predicts x1 [B, N, Z] (fp32) from x_t [B, N, Z] and t [B]; a self-conditioning
+    model also reads its previous estimate x1_prev (zeros: none yet)."""
     cond_BD = self.time_embed(t_B)
-    h_BND = self.body(self.input_proj(x_t_BNZ), cond_BD)
+    h_BND = self.input_proj(x_t_BNZ)
+    if self.cfg.self_condition and x1_prev_BNZ is not None:
+      h_BND = h_BND + self.prev_proj(x1_prev_BNZ)
+    h_BND = self.body(h_BND, cond_BD)
     return self.final_layer(h_BND, cond_BD).astype(jnp.float32)

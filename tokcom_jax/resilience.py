@@ -57,12 +57,10 @@ def losses(workdir: str) -> dict[str, float]:
 
 
 def final_params(workdir: str):
-  import ml_collections
-
-  from tokcom_jax import checkpoint, sharding, stages, train_state
+  from tokcom_jax import checkpoint, config_lib, sharding, stages, train_state
   step, meta = checkpoint.read_meta(workdir, checkpoint.manager(
       workdir, read_only=True).latest_step())
-  config = ml_collections.ConfigDict(meta['config'])
+  config = config_lib.from_dict(meta['config'])
   _, abstract = train_state.abstract_params(stages.get(config, meta['stage']).build,
                                             sharding.make_mesh(-1, 1))
   params, _, _ = checkpoint.restore_params(workdir, abstract, step=step)

@@ -21,15 +21,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 
-from tokcom_jax import checkpoint, flow, lm, sharding, stages, train_state
+from tokcom_jax import checkpoint, config_lib, flow, sharding, stages, train_state
 from tokcom_jax.decoding import choose_tokens
 from tokcom_jax.errors import CheckpointError, SamplingError
-from tokcom_jax.tokenizer import load_tokenizer
+from tokcom_jax.lm_sampling import AutoregressiveLM, check_counts
+from tokcom_jax.tokenizer import ids_text, load_tokenizer, text_ids
 
 Array = jax.Array
+PREFIX_GUIDANCE_STEPS = 8  # gradient steps per Euler step toward a partial chunk
+PREFIX_GUIDANCE_STEP = 0.25  # their length, as a share of the prompt latents' RMS
 
 
 class TokCom:
@@ -65,17 +69,53 @@ class TokCom:
 
   @functools.partial(jax.jit, static_argnums=0)
   def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
+    """Noise (in the flow's units) → VAE latents; `known_BNZ` are VAE latents."""
     model = nnx.merge(self.dit_graphdef, dit_params)
-    return flow.euler_sample(model, x0_BNZ, steps, known_mask_BN=known_mask_BN,
-                             known_BNZ=known_BNZ)
+    x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
+                          known_mask_BN=known_mask_BN,
+                          known_BNZ=model.to_flow(known_BNZ))
+    return model.to_latent(x)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _sample_latents_with_prefix(self, dit_params, vae_params, x0_BNZ, steps,
+                                  known_mask_BN, known_BNZ, prefix_BL, prefix_mask_BL,
+                                  prompt_BMZ):
+    """`_sample_latents` for a prompt that ends inside a chunk: each prediction of
+    x1 is moved, by a few normalized gradient steps on that chunk's latent only,
+    toward latents whose decoding starts with the prompt's last tokens."""
+    model = nnx.merge(self.dit_graphdef, dit_params)
+    vae = nnx.merge(self.vae_graphdef, vae_params)
+    K = self.chunk_size
+    B, N, _ = x0_BNZ.shape
+    partial_BN1 = prefix_mask_BL.reshape(B, N, K).max(-1, keepdims=True)
+
+    def prefix_ce(x_BNZ):
+      logits = vae.decode(model.to_latent(x_BNZ))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, prefix_BL)
+      return (ce * prefix_mask_BL).sum()
+
+    # Steps of a fixed share of the latents' own size, measured on the prompt's.
+    size = jnp.sqrt(jnp.mean(jnp.square(model.to_flow(prompt_BMZ)))) + 1e-6
+
+    def refine(x1_BNZ):
+      for _ in range(PREFIX_GUIDANCE_STEPS):
+        g = jax.grad(prefix_ce)(x1_BNZ) * partial_BN1
+        norm = jnp.sqrt(jnp.sum(jnp.square(g), -1, keepdims=True)) + 1e-12
+        x1_BNZ = x1_BNZ - PREFIX_GUIDANCE_STEP * size * g / norm
+      return x1_BNZ
+
+    x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
+                          known_mask_BN=known_mask_BN,
+                          known_BNZ=model.to_flow(known_BNZ), refine=refine)
+    return model.to_latent(x)
 
   # ----- text ↔ tokens
 
   def _tokens(self, text: str) -> np.ndarray:
-    return _tokens(self.tokenizer, text)
+    return text_ids(self.tokenizer, text)
 
   def _text(self, ids) -> str:
-    return _text(self.tokenizer, ids)
+    return ids_text(self.tokenizer, ids)
 
   # ----- public API
 
@@ -113,8 +153,11 @@ class TokCom:
              steps: int = 50, seed: int = 0, prompt: str | None = None,
              batch_size: int | None = None, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Like `generate`, but returns arrays: latents [S, N, Z] and tokens [S, N·K]
-    (with a prompt, its whole chunks are held and the rest generated)."""
+    """Like `generate`, but returns arrays: latents [S, N, Z] and tokens [S, N·K].
+
+    With a prompt, its whole chunks are held (their latents ride their own path to
+    the encoder's latents); a chunk the prompt ends inside is generated under
+    guidance toward its known first tokens; the prompt's tokens come back verbatim."""
     if self.dit_params is None:
       raise SamplingError(f'{self.workdir} is a stage-1 (VAE) run: generation needs'
                           ' a stage-2 run (train.py --config …:diffusion).')
@@ -124,29 +167,43 @@ class TokCom:
                           ' the number the model was trained on.')
     if steps < 1:
       raise SamplingError(f'steps must be a positive number, got {steps}.')
-    _check_counts(num_samples, batch_size)
+    check_counts(num_samples, batch_size)
     K, Z = self.chunk_size, self.latent_dim
     known_mask = np.zeros((N,), bool)
     known = np.zeros((N, Z), np.float32)
+    prompt_ids = self._tokens(prompt) if prompt else np.zeros((0,), np.int32)
+    held, rest = divmod(len(prompt_ids), K)
     if prompt:
-      prompt_ids = self._tokens(prompt)
-      held = len(prompt_ids) // K
       if -(-len(prompt_ids) // K) >= N:
         raise SamplingError(f'the prompt is {len(prompt_ids)} tokens, which leaves'
                             f' nothing of {N} chunks of {K} to generate: shorten it.')
-      known[:held] = self.encode(prompt)[:held]
+      prompt_z = self.encode(prompt)  # its last chunk padded when partial
+      known[:held] = prompt_z[:held]
       known_mask[:held] = True
+    # A prompt that ends inside a chunk: that chunk is generated toward its known
+    # first tokens (guidance), and they are written back verbatim.
+    prefix = np.zeros((N * K,), np.int32)
+    prefix_mask = np.zeros((N * K,), np.float32)
+    prefix[held * K:len(prompt_ids)] = prompt_ids[held * K:]
+    prefix_mask[held * K:len(prompt_ids)] = 1.0
     batch_size = batch_size or num_samples
     latents, tokens = [], []
     for first in range(0, num_samples, batch_size):
       B = min(batch_size, num_samples - first)
       key = jax.random.fold_in(jax.random.key(seed), first)
       x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std)
-      z = self._sample_latents(self.dit_params, x0, steps,
-                               jnp.broadcast_to(known_mask, (B, N)),
-                               jnp.broadcast_to(known, (B, N, Z)))
-      tokens.append(np.asarray(self._decode(
-          self.vae_params, z, jax.random.fold_in(key, 1), temperature, top_k, top_p)))
+      args = (jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)))
+      if rest:
+        z = self._sample_latents_with_prefix(
+            self.dit_params, self.vae_params, x0, steps, *args,
+            jnp.broadcast_to(prefix, (B, N * K)),
+            jnp.broadcast_to(prefix_mask, (B, N * K)), jnp.asarray(prompt_z)[None])
+      else:
+        z = self._sample_latents(self.dit_params, x0, steps, *args)
+      out = np.array(self._decode(self.vae_params, z, jax.random.fold_in(key, 1),
+                                  temperature, top_k, top_p))
+      out[:, :len(prompt_ids)] = prompt_ids  # the prompt is never resampled
+      tokens.append(out)
       latents.append(np.asarray(z))
     return np.concatenate(latents), np.concatenate(tokens)
 
@@ -174,114 +231,11 @@ class TokCom:
                                    jax.random.key(0), 0.0, 0, 1.0))
 
 
-class AutoregressiveLM:
-  """A trained autoregressive baseline (an `ar` run): generate text, score text.
-
-  A sample starts after EOS, the token that separates documents in the training
-  stream, so that it begins where a document begins; a prompt follows the EOS.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer, params,
-               workdir: str = ''):
-    self.config, self.tokenizer, self.params, self.workdir = (
-        config, tokenizer, params, workdir)
-    self.graphdef = nnx.graphdef(nnx.eval_shape(
-        lambda: stages.get(config, 'ar').build(nnx.Rngs(0))))
-    self.max_length = config.max_length
-    self.eos = tokenizer.eos_token_id
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def _token_ce(self, params, tokens_BT):
-    return lm.token_ce(nnx.merge(self.graphdef, params), tokens_BT)
-
-  def sample(self, num_samples: int = 1, num_tokens: int | None = None,
-             seed: int = 0, prompt: str | None = None, batch_size: int | None = None,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-             ) -> np.ndarray:
-    """Token ids [S, P + num_tokens]: the prompt's P tokens, then the new ones
-    (default: as many as fit in the trained context of max_length)."""
-    prompt_ids = _tokens(self.tokenizer, prompt) if prompt else np.zeros(0, np.int32)
-    room = self.max_length - 1 - len(prompt_ids)
-    num_tokens = room if num_tokens is None else num_tokens
-    if room < 1:
-      raise SamplingError(f'the prompt is {len(prompt_ids)} tokens, which leaves'
-                          f' nothing of the {self.max_length}-token context: shorten it.')
-    if not 0 < num_tokens <= room:
-      raise SamplingError(f'num_tokens {num_tokens} must be between 1 and {room}'
-                          ' (the trained context less the prompt).')
-    _check_counts(num_samples, batch_size)
-    batch_size = batch_size or num_samples
-    P, out = len(prompt_ids), []
-    for first in range(0, num_samples, batch_size):
-      B = min(batch_size, num_samples - first)
-      buffer = np.full((B, self.max_length), self.eos, np.int32)
-      buffer[:, 1:1 + P] = prompt_ids
-      tokens = lm.generate(self.graphdef, self.params, buffer, 1 + P,
-                           jax.random.fold_in(jax.random.key(seed), first),
-                           max_new_tokens=num_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p)
-      out.append(np.asarray(tokens)[:, 1:1 + P + num_tokens])
-    return np.concatenate(out)
-
-  def generate(self, num_samples: int = 1, num_tokens: int | None = None,
-               seed: int = 0, prompt: str | None = None, batch_size: int | None = None,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-               ) -> list[str]:
-    """Texts sampled token by token (KV cache); with `prompt`, each starts with it."""
-    tokens = self.sample(num_samples, num_tokens, seed, prompt, batch_size,
-                         temperature, top_k, top_p)
-    skip = len(_tokens(self.tokenizer, prompt)) if prompt else 0
-    return [(prompt or '') + _text(self.tokenizer, row[skip:]) for row in tokens]
-
-  def token_ce(self, token_lists, batch_size: int = 32) -> list[np.ndarray]:
-    """Per-token cross-entropy (nats) of each token sequence under this model, each
-    token predicted from EOS and the tokens before it; sequences longer than the
-    context less one are cut to it."""
-    L = self.max_length
-    rows = [np.concatenate([[self.eos], np.asarray(t, np.int32)[:L - 1]])
-            for t in token_lists]
-    out = []
-    for first in range(0, len(rows), batch_size):
-      batch = rows[first:first + batch_size]
-      buffer = np.full((len(batch), L), self.eos, np.int32)
-      for i, r in enumerate(batch):
-        buffer[i, :len(r)] = r
-      ce = np.asarray(self._token_ce(self.params, jnp.asarray(buffer)))
-      out.extend(ce[i, :len(r) - 1] for i, r in enumerate(batch))
-    return out
-
-
-def _check_counts(num_samples: int, batch_size: int | None) -> None:
-  if num_samples < 1:
-    raise SamplingError(f'num_samples must be a positive number, got {num_samples}.')
-  if batch_size is not None and batch_size < 1:
-    raise SamplingError(f'batch_size must be a positive number, got {batch_size}.')
-
-
-def _tokens(tokenizer, text: str) -> np.ndarray:
-  if not text or not text.strip():
-    raise SamplingError('the input text is empty: pass some text.')
-  ids = tokenizer(text, add_special_tokens=False)['input_ids']
-  if not ids:
-    raise SamplingError('the input text tokenizes to nothing: pass other text.')
-  return np.asarray(ids, np.int32)
-
-
-def _text(tokenizer, ids) -> str:
-  return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)
-
-
-def _config_from_meta(meta: dict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(meta['config'])
-  config.lock()
-  return config
-
-
 def load(workdir: str) -> TokCom | AutoregressiveLM:
   """Loads what train.py wrote in `workdir`: a TokCom (from a stage-2 run, or the
   VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run)."""
   _, meta = checkpoint.read_meta(workdir)
-  config = _config_from_meta(meta)
+  config = config_lib.from_dict(meta['config'])
   tokenizer_dir = meta['tokenizer_dir']
   if not (epath.Path(tokenizer_dir) / 'tokenizer_config.json').exists():
     raise CheckpointError(f'the tokenizer of {workdir} is missing from'

@@ -14,9 +14,10 @@ import shutil
 import tempfile
 from typing import Callable, Iterable
 
+import numpy as np
 from etils import epath
 
-from tokcom_jax.errors import ConfigError, DataError
+from tokcom_jax.errors import ConfigError, DataError, SamplingError
 from tokcom_jax.sources import (OFFLINE_HINT, cache_root, fingerprint, hub_reachable,
                                 is_remote, iter_documents)
 
@@ -146,3 +147,18 @@ def run_tokenizer(config, save_dir):
                       f' {c.vocab_size}: set --config.vocab_size={len(tokenizer)} or'
                       ' more.')
   return tokenizer
+
+
+def text_ids(tokenizer, text: str) -> np.ndarray:
+  """Token ids of a non-empty text (a one-line error for empty input)."""
+  if not text or not text.strip():
+    raise SamplingError('the input text is empty: pass some text.')
+  ids = tokenizer(text, add_special_tokens=False)['input_ids']
+  if not ids:
+    raise SamplingError('the input text tokenizes to nothing: pass other text.')
+  return np.asarray(ids, np.int32)
+
+
+def ids_text(tokenizer, ids) -> str:
+  """Text of token ids, special tokens (EOS between documents) left out."""
+  return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=True)

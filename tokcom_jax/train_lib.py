@@ -11,6 +11,7 @@ step before reading the last one's metrics, which it reads only at log steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -143,6 +144,13 @@ class Trainer:
     """Trains to the end (or until step `stop_after`, then saves as on SIGTERM)."""
     tc = self.config.train
     start = self._restore()
+    if start == 0:
+      n = self.train_windows.num_windows
+      batches = (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
+                 for b in itertools.count())
+      self.state['params'] = self.stage.prepare(
+          self.state['params'], self.graphdef, self.frozen_graphdefs, self.frozen,
+          batches)
     if jax.process_index() == 0:
       (self.workdir / 'config.json').write_text(self.config.to_json_best_effort(indent=2))
     self.log = MetricsLog(self.workdir, self.config, start)

@@ -44,6 +44,7 @@ class VAEConfig:
   kl_clamp: float = 0.0  # free bits: per-dimension KL floor
   latent_noise: float = 0.0  # std of Gaussian noise added to z in training
   latent_dropout: float = 0.0  # probability of zeroing a latent dimension in training
+  token_dropout: float = 0.0  # probability of replacing an encoder input token by id 0
   dtype: Any = jnp.float32
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
@@ -161,7 +162,14 @@ def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None
             ) -> tuple[Array, dict[str, Array]]:
   """Stage-1 loss: CE + kl_weight · KL. `rng=None` means evaluation (no sampling)."""
   cfg = model.cfg
-  mean_BNZ, logvar_BNZ = model.encode(tokens_BL)
+  inputs_BL = tokens_BL
+  if rng is not None and cfg.token_dropout > 0:
+    # The encoder sees corrupted chunks, the decoder must still give the originals:
+    # nearby latents then decode alike (CALM's input dropout).
+    dropped = jax.random.bernoulli(jax.random.fold_in(rng, 2), cfg.token_dropout,
+                                   tokens_BL.shape)
+    inputs_BL = jnp.where(dropped, 0, tokens_BL)
+  mean_BNZ, logvar_BNZ = model.encode(inputs_BL)
   z_BNZ = mean_BNZ
   if rng is not None:
     sample_rng, perturb_rng = jax.random.split(rng)

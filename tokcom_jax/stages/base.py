@@ -52,6 +52,13 @@ class Stage:
     """Where the run's tokenizer is saved (or found)."""
     return epath.Path(workdir) / 'tokenizer'
 
+  def prepare(self, params, graphdef, frozen_graphdefs, frozen, batches):
+    """Parameters that come from data rather than from gradients (the flow model's
+    latent statistics), filled once before the first step of a fresh run;
+    `batches` yields training token batches."""
+    del graphdef, frozen_graphdefs, frozen, batches
+    return params
+
   # -------------------------------------------------------------- the objective
 
   def loss(self, model, frozen: dict[str, Any], tokens_BL: Array, rng: Array

@@ -3,8 +3,11 @@ reading the stage-1 VAE frozen (its encoder gives x1, its decoder scores x1_pred
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from tokcom_jax import dit, flops, flow
 from tokcom_jax.stages.base import Stage
@@ -12,6 +15,7 @@ from tokcom_jax.stages.vae import VAEStage
 from tokcom_jax.train_state import FrozenModel
 
 EVAL_TIMES = (0.1, 0.5, 0.9)  # t values at which the flow model is evaluated
+STATS_BATCHES = 32  # training batches that measure the latents' statistics
 
 
 class FlowStage(Stage):
@@ -54,9 +58,31 @@ class FlowStage(Stage):
     """As many generations as there are windows (their values are not used)."""
     c = self.config
     shape = (tokens_BL.shape[0], c.max_length // c.chunk_size, c.vae.latent_dim)
-    z = flow.euler_sample(model, flow.sample_noise(key, shape, c.flow.noise_std),
-                          c.sample.steps)
-    return jnp.argmax(frozen['vae'].decode(z), axis=-1)
+    x = flow.euler_sample(model, flow.sample_noise(key, shape, c.flow.noise_std),
+                          c.sample.steps, shift=self.flow.sample_shift)
+    return jnp.argmax(frozen['vae'].decode(model.to_latent(x)), axis=-1)
+
+  def prepare(self, params, graphdef, frozen_graphdefs, frozen, batches):
+    """Measures the per-dimension mean and std of the frozen encoder's latents on
+    training windows, once, into the flow model (when `flow.standardize`)."""
+    if not self.flow.standardize:
+      return params
+
+    @jax.jit
+    def moments(vae_params, tokens_BL):
+      z = nnx.merge(frozen_graphdefs['vae'], vae_params).encode(tokens_BL)[0]
+      z_MZ = z.reshape(-1, z.shape[-1])
+      return z_MZ.shape[0], z_MZ.sum(0), jnp.square(z_MZ).sum(0)
+
+    count, total, squares = 0, 0.0, 0.0
+    for tokens_BL in itertools.islice(batches, STATS_BATCHES):
+      n, s1, s2 = moments(frozen['vae'], tokens_BL)
+      count, total, squares = count + n, total + s1, squares + s2
+    mean = total / count
+    std = jnp.sqrt(jnp.maximum(squares / count - jnp.square(mean), 1e-12))
+    put = lambda value, like: jax.device_put(value.astype(like.dtype), like.sharding)
+    return {**params, 'latent_mean': put(mean, params['latent_mean']),
+            'latent_std': put(std, params['latent_std'])}
 
   def wandb_batch_names(self, mean):
     return {'diffusion/batch_ce_loss': mean['ce'],

@@ -1,0 +1,140 @@
+"""The generation-recipe ablation: every variant trained with the same budget on the
+embedded default, evaluated the same way, one table.
+
+    python benchmarks/quality.py                          # every variant below
+    python benchmarks/quality.py --variants std,std_sc    # some of them
+    python benchmarks/quality.py --write benchmarks/RESULTS.md
+
+A variant is a pair of config modifiers (`configs/tiny.py` arguments) for stage 1 and
+stage 2. Stage-1 runs are shared by the variants with the same VAE recipe; every run
+lives in --root and is resumed (or reused when finished), so the command can be
+stopped and started again. Each flow run is evaluated by `tokcom_jax.evaluate`
+against the reference `ar` run (trained first if missing), and one row per variant
+gives: validation CE at fixed t, sample perplexity under the reference with unigram
+entropy, chunk validity, VAE decodability at 0.5σ latent noise, and the stage-2 wall
+time (stage 1 is shared; the default VAE is --default_vae, runs/tiny/vae).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name → (VAE modifiers, flow modifiers). '' is the tiny config as it is.
+V52 = 'noise_std=0.05,t_schedule=uniform,t_shift=1.0,sample_shift=1.0,ce_weight=1.0,' \
+      'ce_min_t=0.0,standardize=False,self_condition=False'
+STD = 'standardize=True,noise_std=1.0,ce_weight=0.0,self_condition=False,t_shift=1.0'
+ROBUST_VAE = 'latent_noise=0.3,token_dropout=0.1'
+VARIANTS = {
+    'v52': ('', V52),
+    'v52_mse': ('', V52 + ',ce_weight=0.0'),
+    'std': ('', STD),
+    'std_shift3': ('', STD + ',t_shift=3.0'),
+    'std_sc': ('', STD + ',self_condition=True'),
+    'std_sc_ce': ('', STD + ',self_condition=True,ce_weight=0.1,ce_min_t=0.7'),
+    'robust_std_sc': (ROBUST_VAE, STD + ',self_condition=True'),
+}
+
+
+def run(cmd: list[str], log: str) -> float:
+  start = time.perf_counter()
+  with open(log, 'a') as f:
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+  return time.perf_counter() - start
+
+
+def config_arg(stage: str, modifiers: str) -> str:
+  return 'configs/tiny.py:' + ','.join(p for p in (stage, modifiers) if p)
+
+
+def train(stage: str, modifiers: str, workdir: str, extra=()) -> float:
+  os.makedirs(workdir, exist_ok=True)
+  return run([sys.executable, 'train.py', f'--config={config_arg(stage, modifiers)}',
+              f'--workdir={workdir}', *extra], os.path.join(workdir, 'train.log'))
+
+
+def evaluate(workdir: str, reference: str, num_samples: int) -> dict:
+  out = subprocess.run(
+      [sys.executable, '-m', 'tokcom_jax.evaluate', f'--workdir={workdir}',
+       f'--reference={reference}', f'--num_samples={num_samples}'],
+      check=True, cwd=REPO, capture_output=True, text=True)
+  return json.loads(out.stdout)
+
+
+def row(name: str, result: dict, seconds: float) -> dict:
+  q = result['generation_quality']['rows']
+  return {'variant': name, 'val_ce': result['val_ce'],
+          'perplexity': q['tokcom']['perplexity'],
+          'entropy': q['tokcom']['unigram_entropy'],
+          'chunk_validity': q['tokcom']['chunk_validity'],
+          'decodability_0.5': result['recon_token_accuracy_at_noise']['0.5'],
+          'clean_token_accuracy': result['recon_token_accuracy'],
+          'train_seconds': seconds, 'real': q['real'], 'shuffled': q['shuffled'],
+          'ar': q['ar']}
+
+
+def markdown(rows: list[dict]) -> str:
+  ref = rows[0]
+  lines = [
+      f'Reference rows: real text perplexity {ref["real"]["perplexity"]:.1f}, entropy'
+      f' {ref["real"]["unigram_entropy"]:.2f}, chunk validity'
+      f' {ref["real"]["chunk_validity"]:.3f}; shuffled words'
+      f' {ref["shuffled"]["perplexity"]:.1f} / {ref["shuffled"]["unigram_entropy"]:.2f}'
+      f' / {ref["shuffled"]["chunk_validity"]:.3f}; AR samples'
+      f' {ref["ar"]["perplexity"]:.1f} / {ref["ar"]["unigram_entropy"]:.2f} /'
+      f' {ref["ar"]["chunk_validity"]:.3f}.', '',
+      '| variant | val CE t=0.1 / 0.5 / 0.9 | sample perplexity | entropy (bits) |'
+      ' chunk validity | VAE token acc. clean / 0.5σ | flow train wall (s) |',
+      '|---|---|---|---|---|---|---|']
+  for r in rows:
+    ce = ' / '.join(f'{r["val_ce"][t]:.3f}' for t in ('0.1', '0.5', '0.9'))
+    lines.append(
+        f'| {r["variant"]} | {ce} | {r["perplexity"]:.1f} | {r["entropy"]:.2f} |'
+        f' {r["chunk_validity"]:.3f} | {r["clean_token_accuracy"]:.4f} /'
+        f' {r["decodability_0.5"]:.3f} | {r["train_seconds"]:.0f} |')
+  return '\n'.join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--root', default='runs/quality')
+  parser.add_argument('--reference', default='runs/tiny/ar',
+                      help='the ar run that scores samples (trained if missing)')
+  parser.add_argument('--num_samples', type=int, default=64)
+  parser.add_argument('--default_vae', default='runs/tiny/vae',
+                      help='the stage-1 run of variants with the default VAE recipe')
+  parser.add_argument('--write', default=None, help='append the table to this file')
+  args = parser.parse_args()
+  if not os.path.isdir(os.path.join(REPO, args.reference, 'checkpoints')):
+    train('ar', '', os.path.join(REPO, args.reference))
+  rows = []
+  for name in args.variants.split(','):
+    vae_mods, flow_mods = VARIANTS[name]
+    vae_dir = (os.path.join(args.root, 'vae-' + vae_mods.replace('=', '').replace(
+        ',', '-')) if vae_mods else args.default_vae)
+    train('vae', vae_mods, vae_dir)  # reused when finished
+    dit_dir = os.path.join(args.root, name)
+    seconds = train('diffusion', ','.join(p for p in (vae_mods, flow_mods) if p),
+                     dit_dir, [f'--config.vae_workdir={vae_dir}'])
+    result = evaluate(dit_dir, args.reference, args.num_samples)
+    rows.append(row(name, result, seconds))
+    print(json.dumps(rows[-1]), flush=True)
+  table = markdown(rows)
+  print(table)
+  if args.write:
+    with open(args.write, 'a') as f:
+      f.write(f'\n### Generation-recipe ablation, {datetime.date.today()}\n\n'
+              f'`python benchmarks/quality.py --variants {args.variants}`\n\n'
+              + table + '\n')
+
+
+if __name__ == '__main__':
+  main()
