@@ -22,6 +22,14 @@ Change it with `vae,encoder_layers=24,decoder_layers=24`.
 
 The latent is 896-d (the hidden size) and the VAE loss is cross-entropy alone
 (kl_weight 0, z = mean), as in the original.
+
+Generation recipe: the original's (raw latents, noise_std 0.05, uniform t and grid,
+CE through the frozen decoder + MSE), because this config is the v5.2 spec to
+reproduce. On the embedded default that recipe decides a sample's content in the
+first few Euler steps and its samples leave the data manifold there
+(benchmarks/RESULTS.md); configs/tiny.py defaults to the best recipe measured there.
+Take it here with the same modifiers (e.g. `diffusion,standardize=True,noise_std=1.0,
+ce_weight=0.0,self_condition=True`); `recipe=v52` switches any config back.
 """
 
 from tokcom_jax import config_lib

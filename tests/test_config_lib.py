@@ -48,3 +48,15 @@ def test_configs_are_locked():
   c = tiny.get_config('vae')
   with pytest.raises(AttributeError):
     c.not_a_field = 1
+
+
+def test_one_switch_brings_back_the_v52_recipe():
+  from configs import tiny, v52
+  original = v52.get_config('diffusion')
+  switched = tiny.get_config('diffusion,recipe=v52')
+  assert switched.flow.to_dict() == original.flow.to_dict()
+  assert switched.vae.latent_noise == switched.vae.token_dropout == 0.0
+  # Modifiers after the switch still apply on top of it.
+  assert tiny.get_config('diffusion,recipe=v52,noise_std=0.2').flow.noise_std == 0.2
+  with pytest.raises(config_lib.ConfigError, match="recipe='x': use one of"):
+    tiny.get_config('diffusion,recipe=x')

@@ -23,8 +23,8 @@ def test_evaluate_a_run(runs, ar_run):
   assert set(result['val_ce']) == set(result['val_mse']) == {'0.1', '0.5', '0.9'}
   # The fixture's flow model has 8 steps of training: too few for an ordering of
   # its losses over t to hold with a margin, so only their range is asserted.
-  assert all(0 < v < 20 for v in result['val_ce'].values())
-  assert all(0 <= v < 10 for v in result['val_mse'].values())
+  assert all(0 < v < 50 for v in result['val_ce'].values())
+  assert all(0 <= v < 50 for v in result['val_mse'].values())
   for key in ('gen_distinct_2', 'gen_distinct_3', 'gen_repeat_4gram_rate',
               'gen_roundtrip_token_accuracy'):
     assert 0.0 <= result[key] <= 1.0, key

@@ -14,6 +14,17 @@ from tokcom_jax.errors import ConfigError
 STAGES = ('vae', 'diffusion', 'ar')  # each has a file in tokcom_jax/stages/
 
 
+# Generation recipes a config can switch to with one `recipe=<name>` modifier.
+RECIPES = {
+    # The original TokCom v5.2: raw latents, tiny noise, uniform t, CE + MSE.
+    'v52': dict(
+        flow=dict(noise_std=0.05, t_schedule='uniform', t_shift=1.0, sample_shift=1.0,
+                  ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
+                  self_condition=False),
+        vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0)),
+}
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field tokcom_jax reads, with the v5.2 values where the original has one."""
   c = ml_collections.ConfigDict()
@@ -177,6 +188,12 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
   """The common end of every get_config: stage and modifiers from `arg`, checked."""
   stage, modifiers = parse_arg(arg, stages)
   config.stage = stage
+  if 'recipe' in modifiers:  # first, so that other modifiers can refine it
+    name = modifiers.pop('recipe')
+    if name not in RECIPES:
+      raise ConfigError(f'recipe={name!r}: use one of {sorted(RECIPES)}.')
+    config.flow.update(RECIPES[name]['flow'])
+    config.vae.update(RECIPES[name]['vae'])
   apply_modifiers(config, modifiers)
   validate(config)
   config.lock()

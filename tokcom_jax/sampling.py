@@ -74,7 +74,8 @@ class TokCom:
     x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
                           known_mask_BN=known_mask_BN,
                           known_BNZ=model.to_flow(known_BNZ))
-    return model.to_latent(x)
+    # Held chunks exactly as given (the round trip through the flow's units rounds).
+    return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
   @functools.partial(jax.jit, static_argnums=0)
   def _sample_latents_with_prefix(self, dit_params, vae_params, x0_BNZ, steps,
@@ -107,7 +108,8 @@ class TokCom:
     x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
                           known_mask_BN=known_mask_BN,
                           known_BNZ=model.to_flow(known_BNZ), refine=refine)
-    return model.to_latent(x)
+    # Held chunks exactly as given (the round trip through the flow's units rounds).
+    return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
   # ----- text ↔ tokens
 

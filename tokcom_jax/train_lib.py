@@ -47,6 +47,13 @@ class Preemption:
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
 
+def is_sample_step(done: int, total_steps: int, steps_per_epoch: int, sample) -> bool:
+  """Every `sample.sample_every` epochs, and at the end (0 turns samples off)."""
+  if sample.sample_every <= 0 or sample.num_samples <= 0:
+    return False
+  return done == total_steps or done % (sample.sample_every * steps_per_epoch) == 0
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.stage` in `workdir`; 'all' trains the VAE, then the flow model."""
   validate(config)  # again: --config.field=value flags apply after get_config
@@ -131,11 +138,10 @@ class Trainer:
   def _restore(self) -> int:
     step, restored = checkpoint.restore_first_good(
         self.ckpt, lambda step: checkpoint.restore(self.ckpt, step, self.state))
-    if step is None:
-      return 0
-    self.state = restored[0]
-    logging.info('resumed from %s step %d', self.ckpt.directory, step)
-    return step
+    if step is not None:
+      self.state = restored[0]
+      logging.info('resumed from %s step %d', self.ckpt.directory, step)
+    return step or 0
 
   def _save(self, step: int, metrics=None, force=False):
     checkpoint.save(self.ckpt, step, self.state, self.meta, metrics, force=force)
@@ -144,13 +150,12 @@ class Trainer:
     """Trains to the end (or until step `stop_after`, then saves as on SIGTERM)."""
     tc = self.config.train
     start = self._restore()
-    if start == 0:
+    if start == 0:  # parameters measured on data (the flow's latent statistics)
       n = self.train_windows.num_windows
-      batches = (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
-                 for b in itertools.count())
       self.state['params'] = self.stage.prepare(
           self.state['params'], self.graphdef, self.frozen_graphdefs, self.frozen,
-          batches)
+          (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
+           for b in itertools.count()))
     if jax.process_index() == 0:
       (self.workdir / 'config.json').write_text(self.config.to_json_best_effort(indent=2))
     self.log = MetricsLog(self.workdir, self.config, start)
@@ -183,7 +188,8 @@ class Trainer:
         self._save(done, {checkpoint.BEST_METRIC: self._evaluate_and_log(done, bar)})
       elif is_ckpt:
         self._save(done)
-      if self._is_sample_step(done):
+      if is_sample_step(done, self.total_steps, self.steps_per_epoch,
+                        self.config.sample):
         self._log_samples(done)
     bar.close()
     self.ckpt.wait_until_finished()
@@ -224,13 +230,6 @@ class Trainer:
     bar.write(f'{name} step {done}: ' + ', '.join(
         f'{k}={v:.4f}' for k, v in ev.items() if not k[-1].isdigit()))
     return ev['eval/loss']
-
-  def _is_sample_step(self, done: int) -> bool:
-    """Every `sample.sample_every` epochs, and at the end (0 turns samples off)."""
-    sc = self.config.sample
-    if sc.sample_every <= 0 or sc.num_samples <= 0:
-      return False
-    return done == self.total_steps or done % (sc.sample_every * self.steps_per_epoch) == 0
 
   def _log_samples(self, done: int) -> None:
     """The stage's samples for the first validation windows: samples.jsonl and a
