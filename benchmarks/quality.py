@@ -40,6 +40,8 @@ VARIANTS = {
     'std_sc': ('', STD + ',self_condition=True'),
     'std_sc_ce': ('', STD + ',self_condition=True,ce_weight=0.1,ce_min_t=0.7'),
     'robust_std_sc': (ROBUST_VAE, STD + ',self_condition=True'),
+    'norm_robust_std_sc': ('normalize_latent=True,latent_noise=0.4,token_dropout=0.1',
+                           STD + ',self_condition=True'),
 }
 
 

@@ -175,3 +175,15 @@ def test_vae_fits_one_batch():
   assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
   metrics = vae.loss_fn(model, tokens, mask, None)[1]
   assert float(metrics['token_accuracy']) == 1.0
+
+
+def test_normalized_latents_have_rms_one_whatever_the_encoder_scale():
+  model = vae.ChunkVAE(helpers.tiny_vae_config(normalize_latent=True),
+                       rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+  mean, _ = model.encode(tokens)
+  np.testing.assert_allclose(jnp.sqrt(jnp.mean(jnp.square(mean), -1)), 1.0, rtol=1e-4)
+  # Scaling the projection 100× changes nothing: the scale is not the encoder's.
+  model.to_mean.kernel[...] = 100 * model.to_mean.kernel[...]
+  model.to_mean.bias[...] = 100 * model.to_mean.bias[...]
+  np.testing.assert_allclose(model.encode(tokens)[0], mean, rtol=1e-4, atol=1e-5)

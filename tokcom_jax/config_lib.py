@@ -21,7 +21,8 @@ RECIPES = {
         flow=dict(noise_std=0.05, t_schedule='uniform', t_shift=1.0, sample_shift=1.0,
                   ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
                   self_condition=False),
-        vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0)),
+        vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
+                 normalize_latent=False)),
 }
 
 
@@ -47,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, intermediate_size=4864, latent_dim=896,
       rope_theta=1_000_000.0, rms_eps=1e-6, encoder_causal=True,
       decoder_causal=True, kl_weight=0.0, kl_clamp=0.0, latent_noise=0.0,
-      latent_dropout=0.0, token_dropout=0.0))
+      latent_dropout=0.0, token_dropout=0.0, normalize_latent=False))
 
   # Stage 2: latent flow transformer.
   c.dit = ml_collections.ConfigDict(dict(

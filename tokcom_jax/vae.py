@@ -45,6 +45,7 @@ class VAEConfig:
   latent_noise: float = 0.0  # std of Gaussian noise added to z in training
   latent_dropout: float = 0.0  # probability of zeroing a latent dimension in training
   token_dropout: float = 0.0  # probability of replacing an encoder input token by id 0
+  normalize_latent: bool = False  # latent means scaled to RMS 1 per latent vector
   dtype: Any = jnp.float32
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
@@ -103,6 +104,11 @@ class ChunkVAE(nnx.Module):
     x_MKD = self.embed(tokens_BL.reshape(B * N, K))  # M = B·N chunks
     last_MD = self.encoder(x_MKD)[:, -1]
     mean_BNZ = self.to_mean(last_MD).astype(jnp.float32).reshape(B, N, -1)
+    if self.cfg.normalize_latent:
+      # Every latent at RMS 1: the encoder cannot outgrow latent noise by inflating
+      # its scale, so `latent_noise` is a share of the latents' own size.
+      mean_BNZ = mean_BNZ * jax.lax.rsqrt(
+          jnp.mean(jnp.square(mean_BNZ), axis=-1, keepdims=True) + 1e-6)
     logvar_BNZ = self.to_logvar(last_MD).astype(jnp.float32).reshape(B, N, -1)
     return mean_BNZ, logvar_BNZ
 
