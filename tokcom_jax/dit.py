@@ -119,17 +119,12 @@ class DiTConfig:
 
   @property
   def transformer(self) -> layers.TransformerConfig:
-    return layers.TransformerConfig(
-        hidden_size=self.hidden_size, num_layers=self.num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
-        rms_eps=self.rms_eps, causal=False, dtype=self.dtype)
+    return layers.stack_config(self, self.num_layers, False)
 
   @classmethod
   def from_config(cls, config) -> 'DiTConfig':
     """Reads `config.dit`; the latent size is the VAE's."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in config.dit.items() if k in fields}
+    kwargs = layers.section_fields(cls, config.dit)
     return cls(latent_dim=config.vae.latent_dim,
                standardize=config.flow.standardize,
                self_condition=config.flow.self_condition,

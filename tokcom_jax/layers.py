@@ -90,6 +90,22 @@ class TransformerConfig:
     return self.hidden_size // self.num_heads
 
 
+def stack_config(model_config, num_layers: int, causal: bool) -> TransformerConfig:
+  """The transformer stack of a model config that has the stack's fields (hidden
+  size, heads, MLP width, RoPE theta, eps, dtype)."""
+  c = model_config
+  return TransformerConfig(
+      hidden_size=c.hidden_size, num_layers=num_layers, num_heads=c.num_heads,
+      num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size,
+      rope_theta=c.rope_theta, rms_eps=c.rms_eps, causal=causal, dtype=c.dtype)
+
+
+def section_fields(cls, section) -> dict:
+  """The entries of a config section that are fields of dataclass `cls`."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: v for k, v in section.items() if k in names}
+
+
 def rms_norm(features: int, cfg: TransformerConfig, *, use_scale: bool = True,
              rngs: nnx.Rngs) -> nnx.RMSNorm:
   return nnx.RMSNorm(

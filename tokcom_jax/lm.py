@@ -46,17 +46,12 @@ class LMConfig:
 
   @property
   def transformer(self) -> layers.TransformerConfig:
-    return layers.TransformerConfig(
-        hidden_size=self.hidden_size, num_layers=self.num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
-        rms_eps=self.rms_eps, causal=True, dtype=self.dtype)
+    return layers.stack_config(self, self.num_layers, True)
 
   @classmethod
   def from_config(cls, config) -> 'LMConfig':
     """Reads `config.ar` and the shared fields of a tokcom_jax ConfigDict."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {'vocab_size', 'dtype'}
-    kwargs = {k: v for k, v in config.ar.items() if k in fields}
+    kwargs = layers.section_fields(cls, config.ar)
     return cls(vocab_size=config.vocab_size,
                dtype=jnp.dtype(config.compute_dtype), **kwargs)
 

@@ -64,22 +64,24 @@ def make_train_step(stage, graphdef, frozen_graphdefs, optimizer, state_sharding
       out_shardings=(state_shardings, replicated))
 
 
+def _jit_stage_fn(fn, graphdef, frozen_graphdefs, mesh) -> Callable:
+  """jit(f)(params, tokens, key, frozen) of a stage method fn(model, frozen, tokens,
+  key), traced under the mesh, its output replicated."""
+  def call(params, tokens_BL, key, frozen_params):
+    model, frozen = merged(graphdef, params, frozen_graphdefs, frozen_params)
+    return fn(model, frozen, tokens_BL, key)
+  return jax.jit(sharding.under_mesh(call, mesh),
+                 out_shardings=sharding.replicated(mesh))
+
+
 def make_eval_step(stage, graphdef, frozen_graphdefs, mesh) -> Callable:
   """jit(eval)(params, tokens, key, frozen) → the stage's metrics of one batch."""
-  def evaluate(params, tokens_BL, key, frozen_params):
-    model, frozen = merged(graphdef, params, frozen_graphdefs, frozen_params)
-    return stage.eval_metrics(model, frozen, tokens_BL, key)
-  return jax.jit(sharding.under_mesh(evaluate, mesh),
-                 out_shardings=sharding.replicated(mesh))
+  return _jit_stage_fn(stage.eval_metrics, graphdef, frozen_graphdefs, mesh)
 
 
 def make_sample_step(stage, graphdef, frozen_graphdefs, mesh) -> Callable:
   """jit(sample)(params, tokens, key, frozen) → sampled tokens [B, L], replicated."""
-  def sample(params, tokens_BL, key, frozen_params):
-    model, frozen = merged(graphdef, params, frozen_graphdefs, frozen_params)
-    return stage.sample(model, frozen, tokens_BL, key)
-  return jax.jit(sharding.under_mesh(sample, mesh),
-                 out_shardings=sharding.replicated(mesh))
+  return _jit_stage_fn(stage.sample, graphdef, frozen_graphdefs, mesh)
 
 
 def evaluate_batches(eval_step, params, frozen_params,

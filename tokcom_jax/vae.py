@@ -49,11 +49,7 @@ class VAEConfig:
   dtype: Any = jnp.float32
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
-    return layers.TransformerConfig(
-        hidden_size=self.hidden_size, num_layers=num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        intermediate_size=self.intermediate_size, rope_theta=self.rope_theta,
-        rms_eps=self.rms_eps, causal=causal, dtype=self.dtype)
+    return layers.stack_config(self, num_layers, causal)
 
   @property
   def encoder(self) -> layers.TransformerConfig:
@@ -66,8 +62,7 @@ class VAEConfig:
   @classmethod
   def from_config(cls, config) -> 'VAEConfig':
     """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in config.vae.items() if k in fields}
+    kwargs = layers.section_fields(cls, config.vae)
     return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
                dtype=jnp.dtype(config.compute_dtype), **kwargs)
 
