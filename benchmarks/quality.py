@@ -42,6 +42,8 @@ VARIANTS = {
     'robust_std_sc': (ROBUST_VAE, STD + ',self_condition=True'),
     'norm_robust_std_sc': ('normalize_latent=True,latent_noise=0.4,token_dropout=0.1',
                            STD + ',self_condition=True'),
+    'norm_mild_std_sc': ('normalize_latent=True,latent_noise=0.2,token_dropout=0.05',
+                         STD + ',self_condition=True'),
 }
 
 
