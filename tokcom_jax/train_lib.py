@@ -153,7 +153,7 @@ class Trainer:
     if start == 0:  # parameters measured on data (the flow's latent statistics)
       n = self.train_windows.num_windows
       self.state['params'] = self.stage.prepare(
-          self.state['params'], self.graphdef, self.frozen_graphdefs, self.frozen,
+          self.state['params'], self.frozen_graphdefs, self.frozen,
           (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
            for b in itertools.count()))
     if jax.process_index() == 0:

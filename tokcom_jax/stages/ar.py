@@ -32,8 +32,5 @@ class ARStage(Stage):
     return lm.generate(*nnx.split(model), tokens_BL, self.config.chunk_size, key,
                        temperature=1.0)
 
-  def wandb_batch_names(self, mean):
-    return {'ar/batch_loss': mean['loss']}
-
   def train_flops(self, batch):
     return 3 * flops.lm_forward(self.config, batch)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
@@ -36,7 +35,6 @@ class Stage:
 
   def __init__(self, config):
     self.config = config
-    self.dtype = jnp.dtype(config.compute_dtype)
 
   # ------------------------------------------------------------------ the model
 
@@ -52,11 +50,11 @@ class Stage:
     """Where the run's tokenizer is saved (or found)."""
     return epath.Path(workdir) / 'tokenizer'
 
-  def prepare(self, params, graphdef, frozen_graphdefs, frozen, batches):
+  def prepare(self, params, frozen_graphdefs, frozen, batches):
     """Parameters that come from data rather than from gradients (the flow model's
     latent statistics), filled once before the first step of a fresh run;
     `batches` yields training token batches."""
-    del graphdef, frozen_graphdefs, frozen, batches
+    del frozen_graphdefs, frozen, batches
     return params
 
   # -------------------------------------------------------------- the objective

@@ -62,7 +62,7 @@ class FlowStage(Stage):
                           c.sample.steps, shift=self.flow.sample_shift)
     return jnp.argmax(frozen['vae'].decode(model.to_latent(x)), axis=-1)
 
-  def prepare(self, params, graphdef, frozen_graphdefs, frozen, batches):
+  def prepare(self, params, frozen_graphdefs, frozen, batches):
     """Measures the per-dimension mean and std of the frozen encoder's latents on
     training windows, once, into the flow model (when `flow.standardize`)."""
     if not self.flow.standardize:
@@ -85,8 +85,10 @@ class FlowStage(Stage):
             'latent_std': put(std, params['latent_std'])}
 
   def wandb_batch_names(self, mean):
-    return {'diffusion/batch_ce_loss': mean['ce'],
-            'diffusion/batch_mse_loss': mean['mse']}
+    names = {'diffusion/batch_mse_loss': mean['mse']}
+    if 'ce' in mean:  # training computes CE only when it is part of the loss
+      names['diffusion/batch_ce_loss'] = mean['ce']
+    return names
 
   def train_flops(self, batch):
     vae_forward = flops.vae_forward(self.config, batch)
