@@ -32,6 +32,7 @@ V52 = 'noise_std=0.05,t_schedule=uniform,t_shift=1.0,sample_shift=1.0,ce_weight=
       'ce_min_t=0.0,standardize=False,self_condition=False'
 STD = 'standardize=True,noise_std=1.0,ce_weight=0.0,self_condition=False,t_shift=1.0'
 ROBUST_VAE = 'latent_noise=0.3,token_dropout=0.1'
+NORM64 = 'latent_dim=64,normalize_latent=True,latent_noise=0.5'
 VARIANTS = {
     'v52': ('', V52),
     'v52_mse': ('', V52 + ',ce_weight=0.0'),
@@ -44,6 +45,9 @@ VARIANTS = {
                            STD + ',self_condition=True'),
     'norm_mild_std_sc': ('normalize_latent=True,latent_noise=0.2,token_dropout=0.05',
                          STD + ',self_condition=True'),
+    'norm64_std_sc': (NORM64, STD + ',self_condition=True'),
+    'ardec_norm64_std_sc': (NORM64 + ',autoregressive_decoder=True',
+                            STD + ',self_condition=True'),
 }
 
 

@@ -44,10 +44,10 @@ def fit(model, loss_of_model, steps: int, lr: float):
   return nnx.merge(graphdef, params, rest), losses
 
 
-def fit_tiny_vae(steps: int):
+def fit_tiny_vae(steps: int, **config):
   """A tiny ChunkVAE fitted to one batch of 4 random 32-token windows:
   (model, tokens, mask, losses)."""
-  model = vae.ChunkVAE(tiny_vae_config(), rngs=nnx.Rngs(0))
+  model = vae.ChunkVAE(tiny_vae_config(**config), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, 256)
   mask = jnp.ones_like(tokens)
   model, losses = fit(model, lambda m: vae.loss_fn(m, tokens, mask, None),

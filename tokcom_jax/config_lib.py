@@ -22,7 +22,7 @@ RECIPES = {
                   ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
                   self_condition=False),
         vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
-                 normalize_latent=False)),
+                 normalize_latent=False, autoregressive_decoder=False)),
 }
 
 
@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_kv_heads=2, intermediate_size=4864, latent_dim=896,
       rope_theta=1_000_000.0, rms_eps=1e-6, encoder_causal=True,
       decoder_causal=True, kl_weight=0.0, kl_clamp=0.0, latent_noise=0.0,
-      latent_dropout=0.0, token_dropout=0.0, normalize_latent=False))
+      latent_dropout=0.0, token_dropout=0.0, normalize_latent=False,
+      autoregressive_decoder=False))
 
   # Stage 2: latent flow transformer.
   c.dit = ml_collections.ConfigDict(dict(
@@ -176,6 +177,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if (m.hidden_size // m.num_heads) % 2:
       raise ConfigError(f'{name} head size {m.hidden_size // m.num_heads} is odd:'
                         ' rotary embeddings need an even head size.')
+  if config.vae.autoregressive_decoder and not config.vae.decoder_causal:
+    raise ConfigError('vae.autoregressive_decoder needs vae.decoder_causal=True: a'
+                      " token must not see the chunk's later tokens.")
   if config.compute_dtype not in ('float32', 'bfloat16'):
     raise ConfigError(f"compute_dtype {config.compute_dtype!r}: use 'float32' or"
                       " 'bfloat16'.")

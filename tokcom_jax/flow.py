@@ -145,7 +145,7 @@ def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: A
     mse = jnp.mean(jnp.square(x1_pred_BNZ - x1_BNZ))
     return cfg.mse_weight * mse, {'mse': mse, 'loss': cfg.mse_weight * mse}
   return loss_fn(x1_pred_BNZ, x1_BNZ, tokens_BL, mask_BL,
-                 lambda x: vae_model.decode(model.to_latent(x)),
+                 lambda x: vae_model.decode(model.to_latent(x), tokens_BL),
                  ce_weight=cfg.ce_weight, mse_weight=cfg.mse_weight,
                  ce_mask_B=ce_mask_B)
 

@@ -64,8 +64,9 @@ class TokCom:
 
   @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
   def _decode(self, params, z_BNZ, key, temperature, top_k, top_p):
-    logits = nnx.merge(self.vae_graphdef, params).decode(z_BNZ)
-    return choose_tokens(logits, key, temperature, top_k, top_p)
+    vae = nnx.merge(self.vae_graphdef, params)
+    return vae.decode_tokens(z_BNZ, lambda logits, k: choose_tokens(
+        logits, jax.random.fold_in(key, k), temperature, top_k, top_p))[0]
 
   @functools.partial(jax.jit, static_argnums=0)
   def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
@@ -91,7 +92,7 @@ class TokCom:
     partial_BN1 = prefix_mask_BL.reshape(B, N, K).max(-1, keepdims=True)
 
     def prefix_ce(x_BNZ):
-      logits = vae.decode(model.to_latent(x_BNZ))
+      logits = vae.decode(model.to_latent(x_BNZ), prefix_BL)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, prefix_BL)
       return (ce * prefix_mask_BL).sum()
 

@@ -2,9 +2,13 @@
 
 Encoder: the K tokens of a chunk pass through a transformer on their own; the chunk's
 last position is projected to the posterior mean and log-variance.
-Decoder: the latent, projected to the model width, is followed by K learned "omni"
-placeholder embeddings; a transformer reads the K+1 positions and the K omni positions
-give the K tokens' logits in parallel.
+Decoder (parallel, v5.2): the latent, projected to the model width, is followed by K
+learned "omni" placeholder embeddings; a transformer reads the K+1 positions and the
+K omni positions give the K tokens' logits in parallel.
+Decoder (`autoregressive_decoder`): the latent is followed by the chunk's first K-1
+tokens; a causal transformer gives token k from the latent and tokens < k, so the K
+tokens of a chunk are chosen jointly (K short passes at decode time) instead of each
+on its own, which mixes the tokens of different chunks when a latent is ambiguous.
 
 B batch, L tokens, K chunk size, N = L/K chunks, D model width, Z latent size, V vocab.
 """
@@ -46,6 +50,7 @@ class VAEConfig:
   latent_dropout: float = 0.0  # probability of zeroing a latent dimension in training
   token_dropout: float = 0.0  # probability of replacing an encoder input token by id 0
   normalize_latent: bool = False  # latent means scaled to RMS 1 per latent vector
+  autoregressive_decoder: bool = False  # token k of a chunk also reads tokens < k
   dtype: Any = jnp.float32
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
@@ -83,9 +88,10 @@ class ChunkVAE(nnx.Module):
                                   use_bias=True, rngs=rngs)
     self.from_latent = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
                                     use_bias=True, rngs=rngs)
-    self.omni_KD = nnx.Param(
-        layers.partitioned(layers.default_init, None, 'embed')(
-            rngs.params(), (K, D), jnp.float32))
+    if not cfg.autoregressive_decoder:
+      self.omni_KD = nnx.Param(
+          layers.partitioned(layers.default_init, None, 'embed')(
+              rngs.params(), (K, D), jnp.float32))
     self.decoder = layers.Transformer(cfg.decoder, rngs=rngs)
     self.lm_head = layers.dense(D, V, ('embed', 'vocab'), dtype=cfg.dtype, rngs=rngs)
 
@@ -107,8 +113,39 @@ class ChunkVAE(nnx.Module):
     logvar_BNZ = self.to_logvar(last_MD).astype(jnp.float32).reshape(B, N, -1)
     return mean_BNZ, logvar_BNZ
 
-  def decode(self, z_BNZ: Array) -> Array:
-    """Latents [B, N, Z] → logits [B, N·K, V] in fp32, all K tokens of a chunk at once."""
+  def decode(self, z_BNZ: Array, tokens_BL: Array | None = None) -> Array:
+    """Latents [B, N, Z] → logits [B, N·K, V] in fp32.
+
+    The parallel decoder gives all K tokens of a chunk at once and ignores
+    `tokens_BL`. The autoregressive decoder gives token k from the latent and the
+    chunk's tokens < k: those of `tokens_BL` when given (teacher forcing, for losses),
+    else its own argmax choices (free-running, what sampling and accuracy see).
+    """
+    if not self.cfg.autoregressive_decoder:
+      return self._decode_parallel(z_BNZ)
+    if tokens_BL is None:
+      return self.decode_tokens(z_BNZ, lambda logits, k: jnp.argmax(logits, -1))[1]
+    return self._decode_given(z_BNZ, tokens_BL)
+
+  def decode_tokens(self, z_BNZ: Array, choose) -> tuple[Array, Array]:
+    """Free-running decoding: token ids [B, N·K] and the logits [B, N·K, V] each was
+    chosen from; `choose(logits_BNV, k)` picks position k of every chunk."""
+    B, N, _ = z_BNZ.shape
+    K = self.cfg.chunk_size
+    if not self.cfg.autoregressive_decoder:
+      logits_BNKV = self._decode_parallel(z_BNZ).reshape(B, N, K, -1)
+      ids_BNK = jnp.stack([choose(logits_BNKV[:, :, k], k) for k in range(K)], -1)
+      return ids_BNK.reshape(B, N * K), logits_BNKV.reshape(B, N * K, -1)
+    ids_BNK = jnp.zeros((B, N, K), jnp.int32)
+    steps = []
+    for k in range(K):  # K passes; causal attention hides the unfilled positions
+      logits_BNV = self._decode_given(z_BNZ, ids_BNK.reshape(B, N * K)).reshape(
+          B, N, K, -1)[:, :, k]
+      ids_BNK = ids_BNK.at[:, :, k].set(choose(logits_BNV, k).astype(jnp.int32))
+      steps.append(logits_BNV)
+    return ids_BNK.reshape(B, N * K), jnp.stack(steps, 2).reshape(B, N * K, -1)
+
+  def _decode_parallel(self, z_BNZ: Array) -> Array:
     B, N, _ = z_BNZ.shape
     K, D = self.cfg.chunk_size, self.cfg.hidden_size
     latent_M1D = self.from_latent(z_BNZ.reshape(B * N, 1, -1))
@@ -118,10 +155,23 @@ class ChunkVAE(nnx.Module):
     logits_MKV = self.lm_head(h_MTD[:, 1:])
     return logits_MKV.astype(jnp.float32).reshape(B, N * K, -1)
 
+  def _decode_given(self, z_BNZ: Array, tokens_BL: Array) -> Array:
+    """Autoregressive decoder, teacher-forced: position k reads the latent and the
+    chunk's tokens < k and gives token k."""
+    B, N, _ = z_BNZ.shape
+    K = self.cfg.chunk_size
+    latent_M1D = self.from_latent(z_BNZ.reshape(B * N, 1, -1))
+    previous_MKD = self.embed(tokens_BL.reshape(B * N, K)[:, :-1]).astype(
+        latent_M1D.dtype)
+    h_MKD = self.decoder(jnp.concatenate([latent_M1D, previous_MKD], axis=1))
+    return self.lm_head(h_MKD).astype(jnp.float32).reshape(B, N * K, -1)
+
 
 def reconstruction_metrics(logits_BLV: Array, tokens_BL: Array, mask_BL: Array,
-                         chunk_size: int) -> dict[str, Array]:
-  """Masked token cross-entropy, token accuracy and chunk exact-match.
+                           chunk_size: int, predicted_BL: Array | None = None
+                           ) -> dict[str, Array]:
+  """Masked token cross-entropy, token accuracy and chunk exact-match (of
+  `predicted_BL`, the argmax of the logits when not given).
 
   A chunk counts for exact-match when it holds at least one real token; it matches
   when all its real tokens are predicted right.
@@ -129,7 +179,9 @@ def reconstruction_metrics(logits_BLV: Array, tokens_BL: Array, mask_BL: Array,
   mask_BL = mask_BL.astype(jnp.float32)
   num_tokens = jnp.maximum(mask_BL.sum(), 1.0)
   ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL)
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == tokens_BL).astype(jnp.float32)
+  if predicted_BL is None:
+    predicted_BL = jnp.argmax(logits_BLV, axis=-1)
+  correct_BL = (predicted_BL == tokens_BL).astype(jnp.float32)
   B, L = tokens_BL.shape
   wrong_BNK = ((1.0 - correct_BL) * mask_BL).reshape(B, L // chunk_size, chunk_size)
   real_chunk_BN = mask_BL.reshape(B, L // chunk_size, chunk_size).max(axis=-1)
@@ -178,8 +230,11 @@ def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None
       eps_BNZ = jax.random.normal(sample_rng, mean_BNZ.shape)
       z_BNZ = mean_BNZ + jnp.exp(0.5 * logvar_BNZ) * eps_BNZ
     z_BNZ = perturb_latents(z_BNZ, perturb_rng, cfg)
-  metrics = reconstruction_metrics(model.decode(z_BNZ), tokens_BL, mask_BL,
-                                   cfg.chunk_size)
+  predicted_BL = None
+  if rng is None and cfg.autoregressive_decoder:  # accuracy as decoding will see it
+    predicted_BL = jnp.argmax(model.decode(z_BNZ), axis=-1)
+  metrics = reconstruction_metrics(model.decode(z_BNZ, tokens_BL), tokens_BL, mask_BL,
+                                   cfg.chunk_size, predicted_BL)
   metrics['kl'] = kl_to_standard_normal(mean_BNZ, logvar_BNZ, cfg.kl_clamp)
   metrics['loss'] = metrics['ce'] + cfg.kl_weight * metrics['kl']
   return metrics['loss'], metrics
