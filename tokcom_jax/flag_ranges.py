@@ -98,7 +98,8 @@ EVALUATE_FLAGS = {
     'batch_size': POSITIVE_INT,
     'seed': COUNT,
 }
-RESILIENCE_FLAGS = {'kills': COUNT, 'root': WORKDIR, 'seed': COUNT}
+RESILIENCE_FLAGS = {'kills': COUNT, 'seed': COUNT,
+                    'root': Rule(lambda v: directory_problem('--root', v), None)}
 
 
 def check_flags(values: dict[str, Any], rules: dict[str, Rule]) -> None:
