@@ -37,11 +37,12 @@ _INPUT_FILE = flags.DEFINE_string('input_file', None, 'Text file (reconstruct,'
 _OUTPUT_FILE = flags.DEFINE_string('output_file', None, 'encode: .npy latents;'
                                    ' generate: JSONL; others: text.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-_TEMPERATURE = flags.DEFINE_float('temperature', None, 'Token sampling temperature'
-                                  ' (0: argmax; default: 0 for TokCom\'s chunk decoder,'
-                                  ' 1 for an ar run).')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all).')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass.')
+_TEMPERATURE = flags.DEFINE_float('temperature', None, 'Token sampling temperature,'
+                                  ' >= 0 (0: argmax; default: 0 for TokCom\'s chunk'
+                                  ' decoder, 1 for an ar run).')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all; at'
+                              ' most the vocabulary).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass, in (0, 1] (1: all).')
 
 SEPARATOR = '\n' + '─' * 60 + '\n'
 
@@ -61,32 +62,52 @@ def latest_diffusion_run(root: str = 'runs') -> str:
 
 
 def read_input() -> str:
-  if _INPUT_FILE.value:
+  if _INPUT_TEXT.value is not None:
+    return _INPUT_TEXT.value
+  try:
     with open(_INPUT_FILE.value, encoding='utf-8') as f:
       return f.read()
-  if _INPUT_TEXT.value is None:
-    from tokcom_jax.sampling import SamplingError
-    raise SamplingError(f'--mode {_MODE.value} needs --input_text or --input_file.')
-  return _INPUT_TEXT.value
+  except UnicodeDecodeError:
+    from tokcom_jax.errors import SamplingError
+    raise SamplingError(f'--input_file={_INPUT_FILE.value}: not UTF-8 text (give a text'
+                        ' file; .npy latents are for --mode decode).') from None
+
+
+def read_latents():
+  import numpy as np
+  from tokcom_jax import flag_ranges
+  from tokcom_jax.errors import SamplingError
+  try:
+    z = np.load(_INPUT_FILE.value, allow_pickle=False)
+  except ValueError as e:  # not an .npy array (pickled objects are never loaded)
+    raise SamplingError(f'--input_file={_INPUT_FILE.value}: cannot read latents ({e});'
+                        ' write them with --mode encode --output_file=LATENTS.npy.'
+                        ) from e
+  flag_ranges.check_latents(z, _INPUT_FILE.value)
+  return z
 
 
 def main(argv):
   del argv
+  from tokcom_jax import flag_ranges
+  values = flags.FLAGS.flag_values_dict()
+  flag_ranges.check_sample_flags(values)  # every flag, before anything is loaded
+  text = read_input() if _MODE.value in ('reconstruct', 'encode') else None
+  latents = read_latents() if _MODE.value == 'decode' else None
   import numpy as np
   import tokcom_jax
   from tokcom_jax.sampling import AutoregressiveLM, SamplingError
   workdir = _WORKDIR.value or latest_diffusion_run()
   print(f'workdir: {workdir}', flush=True)
-  if _STEPS.value < 1:
-    raise SamplingError(f'--steps must be a positive number, got {_STEPS.value}.')
   model = tokcom_jax.load(workdir)
+  if isinstance(model, AutoregressiveLM) and _MODE.value != 'generate':
+    raise SamplingError(f'{workdir} is an autoregressive (ar) run: it can only'
+                        ' --mode generate.')
+  flag_ranges.check_sampling_for_run(values, model.config, workdir)
   sampling = dict(seed=_SEED.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   if _TEMPERATURE.value is not None:
     sampling['temperature'] = _TEMPERATURE.value
   out = _OUTPUT_FILE.value
-  if isinstance(model, AutoregressiveLM) and _MODE.value != 'generate':
-    raise SamplingError(f'{workdir} is an autoregressive (ar) run: it can only'
-                        ' --mode generate.')
   if _MODE.value == 'generate':
     if isinstance(model, AutoregressiveLM):
       texts = model.generate(_NUM_SAMPLES.value, _NUM_TOKENS.value,
@@ -102,27 +123,21 @@ def main(argv):
         f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
                      for i, t in enumerate(texts))
   elif _MODE.value == 'reconstruct':
-    text = model.reconstruct(read_input(), **sampling)
+    text = model.reconstruct(text, **sampling)
     print(text)
     if out:
       open(out, 'w').write(text)
   elif _MODE.value == 'encode':
-    z = model.encode(read_input())
+    z = model.encode(text)
     print(f'latents {z.shape} {z.dtype}')
     if out:
       np.save(out, z)
   else:
-    if not (_INPUT_FILE.value or '').endswith('.npy'):
-      raise SamplingError('--mode decode needs --input_file latents.npy.')
-    try:
-      z = np.load(_INPUT_FILE.value, allow_pickle=False)
-    except (OSError, ValueError) as e:
-      raise SamplingError(f'cannot read latents from {_INPUT_FILE.value}: {e}') from e
-    text = model.decode(z, **sampling)
+    flag_ranges.check_latents(latents, _INPUT_FILE.value, model.latent_dim)
+    text = model.decode(latents, **sampling)
     print(text)
     if out:
       open(out, 'w').write(text)
-
 
 if __name__ == '__main__':
   cli.run(main)

@@ -37,12 +37,16 @@ def default_workdir(config_path: str, stage: str) -> str:
 
 def main(argv):
   del argv
-  from tokcom_jax import sharding, train_lib  # after flags: JAX reads its env first
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+  from tokcom_jax import config_lib, flag_ranges
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(
       flags.FLAGS['config'].config_filename, config.stage)
+  # Every flag and field against its declared range, before JAX starts.
+  flag_ranges.check_train_flags({**flags.FLAGS.flag_values_dict(), 'workdir': workdir})
+  config_lib.validate(config)
+  from tokcom_jax import sharding, train_lib  # after flags: JAX reads its env first
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                  _PROCESS_ID.value)
   logging.info('workdir %s', workdir)
   train_lib.train(config, workdir)
 

@@ -91,11 +91,18 @@ def test_verbose_shows_the_traceback(tmp_path):
   out = train('--config=configs/tiny.py:vae', '--config.max_length=66', '--verbose',
               f'--workdir={tmp_path}/run')
   assert out.returncode != 0 and 'Traceback' in out.stderr
+  # The environment variable does the same, for errors found while parsing flags too.
+  out = train('--config=configs/tiny.py:vea', f'--workdir={tmp_path}/run',
+              env={'TOKCOM_JAX_VERBOSE': '1'})
+  assert out.returncode != 0 and 'Traceback' in out.stderr
+  assert not (tmp_path / 'run').exists()
 
 
-def test_memory_report_mesh_errors():
-  run = lambda mesh: subprocess.run(
+def test_memory_report_mesh_and_config_errors():
+  run = lambda *args: subprocess.run(
       [sys.executable, '-m', 'tokcom_jax.memory', '--config=configs/tiny.py:vae',
-       f'--mesh={mesh}', '--no_compile'], capture_output=True, text=True, cwd=REPO,
+       '--no_compile', *args], capture_output=True, text=True, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert_one_line_error(run('2by4'), 'write DATAxFSDP')
+  assert_one_line_error(run('--mesh=2by4'), 'write DATAxFSDP')
+  assert_one_line_error(run('--mesh=1x1', '--config.train.batch_size=0'),
+                        'train.batch_size=0: must be a positive integer')

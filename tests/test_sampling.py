@@ -138,7 +138,7 @@ def test_cli_generates_and_fails_in_one_line(runs, tmp_path):
   np.save(shape, np.zeros((4, 3), np.float32))
   np.save(dtype, np.zeros((4, 16), np.int32))
   for args, message in [
-      ([f'--workdir={tmp_path / "none"}'], 'has no checkpoints'),
+      ([f'--workdir={tmp_path / "none"}'], 'does not exist'),
       ([f'--workdir={runs[0]}'], 'stage-1'),
       ([f'--workdir={runs[1]}', '--steps=0'], 'positive'),
       ([f'--workdir={runs[1]}', '--mode=encode'], 'needs --input_text'),
@@ -150,7 +150,7 @@ def test_cli_generates_and_fails_in_one_line(runs, tmp_path):
       ([f'--workdir={runs[1]}', '--mode=decode', f'--input_file={dtype}'],
        'got int32 [4, 16]'),
       ([f'--workdir={runs[1]}', '--mode=decode', f'--input_file={tmp_path}/no.npy'],
-       'cannot read latents'),
+       f'--input_file={tmp_path}/no.npy: does not exist'),
   ]:
     bad = run_cli(*args)
     assert bad.returncode == 2, (args, bad.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from tokcom_jax import ranges
 from tokcom_jax.errors import ConfigError
 
 STAGES = ('vae', 'diffusion', 'ar')  # each has a file in tokcom_jax/stages/
@@ -162,29 +163,9 @@ def apply_modifiers(config: ml_collections.ConfigDict, modifiers: dict[str, str]
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ConfigError, one line, for fields that cannot work together."""
-  if config.max_length % config.chunk_size:
-    raise ConfigError(f'max_length {config.max_length} is not divisible by chunk_size'
-                      f' {config.chunk_size}: make it a multiple.')
-  for name in ('vae', 'dit', 'ar'):
-    m = config[name]
-    if m.hidden_size % m.num_heads:
-      raise ConfigError(f'{name}.hidden_size {m.hidden_size} is not divisible by'
-                        f' {name}.num_heads {m.num_heads}.')
-    if m.num_heads % m.num_kv_heads:
-      raise ConfigError(f'{name}.num_heads {m.num_heads} is not divisible by'
-                        f' {name}.num_kv_heads {m.num_kv_heads}.')
-    if (m.hidden_size // m.num_heads) % 2:
-      raise ConfigError(f'{name} head size {m.hidden_size // m.num_heads} is odd:'
-                        ' rotary embeddings need an even head size.')
-  if config.vae.autoregressive_decoder and not config.vae.decoder_causal:
-    raise ConfigError('vae.autoregressive_decoder needs vae.decoder_causal=True: a'
-                      " token must not see the chunk's later tokens.")
-  if config.compute_dtype not in ('float32', 'bfloat16'):
-    raise ConfigError(f"compute_dtype {config.compute_dtype!r}: use 'float32' or"
-                      " 'bfloat16'.")
-  if config.stage not in STAGES + ('all',):
-    raise ConfigError(f'stage {config.stage!r}: use one of {list(STAGES)}.')
+  """Raises ConfigError, one line, for a field out of its declared range or fields
+  that cannot work together (`tokcom_jax.ranges`)."""
+  ranges.check_config(config)
   return config
 
 

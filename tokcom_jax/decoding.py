@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tokcom_jax.errors import SamplingError
+
 Array = jax.Array
 
 
@@ -18,6 +20,9 @@ def choose_tokens(logits_BLV: Array, key: Array, temperature: float = 0.0,
   if temperature <= 0:
     return jnp.argmax(logits_BLV, axis=-1)
   logits_BLV = logits_BLV / temperature
+  if top_k > logits_BLV.shape[-1]:
+    raise SamplingError(f'top_k {top_k} is more than the {logits_BLV.shape[-1]} tokens'
+                        ' of the vocabulary: use fewer (0 keeps every token).')
   if top_k > 0:
     kth = jax.lax.top_k(logits_BLV, top_k)[0][..., -1:]
     logits_BLV = jnp.where(logits_BLV < kth, -jnp.inf, logits_BLV)

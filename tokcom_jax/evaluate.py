@@ -256,7 +256,10 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
 def main(argv):
   del argv
   from absl import flags
+
+  from tokcom_jax import flag_ranges
   F = flags.FLAGS
+  flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.EVALUATE_FLAGS)
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
                     F.seed, F.reference)
   print(json.dumps(result, indent=2))

@@ -68,7 +68,9 @@ def parse_mesh_shapes(specs: list[str]) -> list[tuple[int, int]]:
 def main(argv):
   del argv
   from absl import flags
+  from tokcom_jax import config_lib
   F = flags.FLAGS
+  config_lib.validate(F.config)  # --config.field=value flags apply after get_config
   shapes = parse_mesh_shapes(F.mesh)
   need = max(d * f for d, f in shapes)
   # Unless JAX_PLATFORMS says otherwise, fake as many CPU devices as the largest mesh

@@ -116,7 +116,14 @@ def main(argv):
     from tokcom_jax.config_lib import ConfigError
     raise ConfigError('give train.py flags after --, e.g. -- --config'
                       ' configs/tiny.py:vae,train.vae.num_steps=200')
-  report = run(argv[1:], F.root, F.kills, F.seed)
+  from tokcom_jax import flag_ranges
+  flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.RESILIENCE_FLAGS)
+  try:
+    report = run(argv[1:], F.root, F.kills, F.seed)
+  except subprocess.CalledProcessError as e:
+    from tokcom_jax.errors import TrainingError
+    raise TrainingError(f'train.py exited with code {e.returncode} (its error is'
+                        ' above): fix the flags after --.') from None
   print(json.dumps(report))
   sys.exit(0 if report['losses_identical'] and report['params_identical'] else 1)
 

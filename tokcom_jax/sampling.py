@@ -139,6 +139,8 @@ class TokCom:
         z.dtype, np.floating):
       raise SamplingError(f'latents must be a float array [N, {self.latent_dim}];'
                           f' got {z.dtype} {list(z.shape)}.')
+    if not np.isfinite(z).all():
+      raise SamplingError('latents must be finite; these hold NaN or inf.')
     tokens = self._decode(self.vae_params, jnp.asarray(z, jnp.float32)[None],
                           jax.random.key(seed), temperature, top_k, top_p)
     return self._text(tokens[0])

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tokcom_jax import layers
+from tokcom_jax import layers, ranges
 from tokcom_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp')
@@ -53,19 +53,8 @@ def _on_tpu_pod() -> bool:
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
   """A (data, fsdp) mesh over all devices; -1 on one axis means "the rest"."""
-  n = jax.device_count()
-  if data == -1 and fsdp == -1:
-    raise ConfigError('mesh: at most one of data and fsdp may be -1.')
-  if data == -1:
-    data = n // fsdp
-  if fsdp == -1:
-    fsdp = n // data
-  if data * fsdp != n:
-    raise ConfigError(f'mesh {data}x{fsdp} (data x fsdp) does not use the {n} devices'
-                     f' there are: set config.mesh.data and config.mesh.fsdp so that'
-                     f' their product is {n}.')
-  return jax.make_mesh((data, fsdp), MESH_AXES,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shape = ranges.mesh_shape(data, fsdp, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 def under_mesh(fn, mesh):
