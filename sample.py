@@ -20,6 +20,9 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run to load: a diffusion run, a VAE run (reconstruct, encode,'
     ' decode) or an ar run (generate); default: the most recently trained diffusion'
     ' run under runs/.')
+_VAE_WORKDIR = flags.DEFINE_string(
+    'vae_workdir', None, 'Where the VAE of a stage-2 run is, when not where the run'
+    ' recorded it (a moved stage-1 run).')
 _MODE = flags.DEFINE_enum('mode', 'generate',
                           ['generate', 'reconstruct', 'encode', 'decode'], 'What to do.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Euler steps from noise to latents.')
@@ -74,12 +77,13 @@ def main(argv):
   del argv
   import numpy as np
   import tokcom_jax
+  from tokcom_jax import files
   from tokcom_jax.sampling import AutoregressiveLM, SamplingError
   workdir = _WORKDIR.value or latest_diffusion_run()
   print(f'workdir: {workdir}', flush=True)
   if _STEPS.value < 1:
     raise SamplingError(f'--steps must be a positive number, got {_STEPS.value}.')
-  model = tokcom_jax.load(workdir)
+  model = tokcom_jax.load(workdir, _VAE_WORKDIR.value)
   sampling = dict(seed=_SEED.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   if _TEMPERATURE.value is not None:
     sampling['temperature'] = _TEMPERATURE.value
@@ -98,19 +102,19 @@ def main(argv):
                              **sampling)
     print(SEPARATOR.join(texts))
     if out:
-      with open(out, 'w') as f:
-        f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
-                     for i, t in enumerate(texts))
+      files.write_text(out, ''.join(json.dumps({'sample': i, 'text': t}) + '\n'
+                                    for i, t in enumerate(texts)))
   elif _MODE.value == 'reconstruct':
     text = model.reconstruct(read_input(), **sampling)
     print(text)
     if out:
-      open(out, 'w').write(text)
+      files.write_text(out, text)
   elif _MODE.value == 'encode':
     z = model.encode(read_input())
     print(f'latents {z.shape} {z.dtype}')
-    if out:
-      np.save(out, z)
+    if out:  # as np.save names it
+      with files.atomic_open(out if out.endswith('.npy') else out + '.npy') as f:
+        np.save(f, z)
   else:
     if not (_INPUT_FILE.value or '').endswith('.npy'):
       raise SamplingError('--mode decode needs --input_file latents.npy.')
@@ -121,7 +125,7 @@ def main(argv):
     text = model.decode(z, **sampling)
     print(text)
     if out:
-      open(out, 'w').write(text)
+      files.write_text(out, text)
 
 
 if __name__ == '__main__':

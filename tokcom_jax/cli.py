@@ -22,6 +22,9 @@ def run(main):
         raise
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says what it saved
+      print(str(e) or 'interrupted', file=sys.stderr)
+      sys.exit(getattr(e, 'exit_code', 130))
   app.run(guarded, flags_parser=_parse_flags)
 
 
