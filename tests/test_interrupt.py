@@ -15,6 +15,11 @@ from tests import train_fixtures
 from tokcom_jax import checkpoint, metrics_log, train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python train.py …` with Ctrl-C's usual handler, also when the tests run as a
+# background job (started with SIGINT ignored, which a run keeps ignoring).
+AS_IN_A_TERMINAL = ('import runpy, signal, sys;'
+                    ' signal.signal(signal.SIGINT, signal.default_int_handler);'
+                    ' sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
 # Far more steps than any test reaches: the run is always stopped by the signal.
 LONG = {'train.vae.num_steps': 100000, 'eval_every': 100000, 'sample_every': 0}
 
@@ -47,7 +52,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_from_it(corpus, tmp_
   workdir = tmp_path / 'vae'
   with open(tmp_path / 'stderr.txt', 'w') as err:  # a file: a pipe could fill up
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, 'train.py'),
+        [sys.executable, '-c', AS_IN_A_TERMINAL, os.path.join(REPO, 'train.py'),
          *train_fixtures.micro_flags(*corpus, **LONG), f'--workdir={workdir}'],
         stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
         env=dict(os.environ, JAX_PLATFORMS='cpu'))

@@ -225,3 +225,15 @@ def test_a_damaged_checkpoint_is_one_line_without_orbax_noise(runs, tmp_path):
   assert len(lines) == 1 and lines[0].startswith(
       f'error: no checkpoint in {vae}/checkpoints can be read'), out.stderr[-3000:]
   assert np.all([s not in out.stderr for s in ('Traceback', 'Event loop')])
+
+
+@pytest.mark.parametrize('frozen, run, relative', [
+    ('/data/runs/vae', '/data/runs/diffusion', '../vae'),
+    ('/data/runs/tiny/vae', '/data/runs/tiny', 'vae'),
+    ('gs://bucket/runs/vae', 'gs://bucket/runs/diffusion', '../vae'),
+    ('gs://other/runs/vae', 'gs://bucket/runs/diffusion', 'gs://other/runs/vae'),
+    ('gs://bucket/runs/vae', '/data/runs/diffusion', 'gs://bucket/runs/vae'),
+])
+def test_relative_paths_on_disks_and_buckets(frozen, run, relative):
+  assert portable.relative(frozen, run) == relative
+  assert portable.join(run, relative) == frozen  # object stores do not resolve `..`

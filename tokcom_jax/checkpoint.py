@@ -6,6 +6,9 @@ resolved config, the stage, and where the tokenizer lives. The manager keeps the
 atomic (orbax writes to a temporary directory and renames it when complete), so a
 killed run leaves either a whole checkpoint or none.
 
+A restore onto other shapes (a changed model config) is refused from the
+checkpoint's metadata before any array is read.
+
 Damage after writing (a truncated or deleted file, a flipped bit) is caught at
 restore: orbax fails to read a damaged file, and `meta` holds a fingerprint of every
 part of the state that must match what was read. A damaged checkpoint is moved to

@@ -42,7 +42,8 @@ class Preemption:
   def install(self):
     if threading.current_thread() is threading.main_thread():  # where signals go
       for signum in (signal.SIGTERM, signal.SIGINT):
-        self.previous[signum] = signal.signal(signum, self._request)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `cmd &` in a script
+          self.previous[signum] = signal.signal(signum, self._request)
     return self
 
   def _request(self, signum, frame):
