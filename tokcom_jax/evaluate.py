@@ -256,31 +256,27 @@ def _write(workdir: str, result: dict, samples: list[str], plots: dict[str, str]
   from tokcom_jax import quality
   out, failed = epath.Path(workdir), []
 
-  def save(fig, path):
+  def attempt(write, path, content):
     try:
-      return files.write_figure(fig, path)
+      return write(path, content)
     except OSError as e:
-      failed.append((path, e))
+      failed.append((os.path.relpath(str(path), str(out)), e))
 
+  save = lambda fig, path: attempt(lambda p, f: files.write_figure(f, p), path, fig)
   result['plots'] = plot(workdir, plots, result.get('recon_token_accuracy_at_noise'),
                          save)
   if 'generation_quality' in result:
     result['plots'] += [quality.plot(result['generation_quality'],
                                      out / 'plots' / 'generation_quality.png', save)]
   result['plots'] = [p for p in result['plots'] if p]
-  texts = {'eval.json': json.dumps(result, indent=2)}
+  attempt(files.write_text, out / 'eval.json', json.dumps(result, indent=2))
   if samples:
-    texts['eval_samples.jsonl'] = ''.join(
-        json.dumps({'sample': i, 'text': t}) + '\n' for i, t in enumerate(samples))
-  for name, text in texts.items():
-    try:
-      files.write_text(out / name, text)
-    except OSError as e:
-      failed.append((out / name, e))
+    attempt(files.write_text, out / 'eval_samples.jsonl', ''.join(
+        json.dumps({'sample': i, 'text': t}) + '\n' for i, t in enumerate(samples)))
   if failed:
-    names = ', '.join(os.path.relpath(str(p), str(out)) for p, _ in failed)
     logging.warning('could not write %s in %s (%s): the results are printed only.',
-                    names, workdir, failed[0][1].strerror or failed[0][1])
+                    ', '.join(name for name, _ in failed), workdir,
+                    failed[0][1].strerror or failed[0][1])
 
 
 def main(argv):
