@@ -20,6 +20,9 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run to load: a diffusion run, a VAE run (reconstruct, encode,'
     ' decode) or an ar run (generate); default: the most recently trained diffusion'
     ' run under runs/.')
+_VAE_WORKDIR = flags.DEFINE_string(
+    'vae_workdir', None, 'Where the VAE of a stage-2 run is, when not where the run'
+    ' recorded it (a moved stage-1 run).')
 _MODE = flags.DEFINE_enum('mode', 'generate',
                           ['generate', 'reconstruct', 'encode', 'decode'], 'What to do.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Euler steps from noise to latents.')
@@ -96,10 +99,11 @@ def main(argv):
   latents = read_latents() if _MODE.value == 'decode' else None
   import numpy as np
   import tokcom_jax
+  from tokcom_jax import files
   from tokcom_jax.sampling import AutoregressiveLM, SamplingError
   workdir = _WORKDIR.value or latest_diffusion_run()
   print(f'workdir: {workdir}', flush=True)
-  model = tokcom_jax.load(workdir)
+  model = tokcom_jax.load(workdir, _VAE_WORKDIR.value)
   if isinstance(model, AutoregressiveLM) and _MODE.value != 'generate':
     raise SamplingError(f'{workdir} is an autoregressive (ar) run: it can only'
                         ' --mode generate.')
@@ -119,25 +123,25 @@ def main(argv):
                              **sampling)
     print(SEPARATOR.join(texts))
     if out:
-      with open(out, 'w') as f:
-        f.writelines(json.dumps({'sample': i, 'text': t}) + '\n'
-                     for i, t in enumerate(texts))
+      files.write_text(out, ''.join(json.dumps({'sample': i, 'text': t}) + '\n'
+                                    for i, t in enumerate(texts)))
   elif _MODE.value == 'reconstruct':
     text = model.reconstruct(text, **sampling)
     print(text)
     if out:
-      open(out, 'w').write(text)
+      files.write_text(out, text)
   elif _MODE.value == 'encode':
     z = model.encode(text)
     print(f'latents {z.shape} {z.dtype}')
-    if out:
-      np.save(out, z)
+    if out:  # as np.save names it
+      with files.atomic_open(out if out.endswith('.npy') else out + '.npy') as f:
+        np.save(f, z)
   else:
     flag_ranges.check_latents(latents, _INPUT_FILE.value, model.latent_dim)
     text = model.decode(latents, **sampling)
     print(text)
     if out:
-      open(out, 'w').write(text)
+      files.write_text(out, text)
 
 if __name__ == '__main__':
   cli.run(main)

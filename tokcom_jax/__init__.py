@@ -6,7 +6,7 @@ import os
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 
-def load(workdir: str):
+def load(workdir: str, vae_workdir: str | None = None):
   """Loads a trained run: see `tokcom_jax.sampling.TokCom`."""
   from tokcom_jax import sampling
-  return sampling.load(workdir)
+  return sampling.load(workdir, vae_workdir)

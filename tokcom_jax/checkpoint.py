@@ -6,6 +6,9 @@ resolved config, the stage, and where the tokenizer lives. The manager keeps the
 atomic (orbax writes to a temporary directory and renames it when complete), so a
 killed run leaves either a whole checkpoint or none.
 
+A restore onto other shapes (a changed model config) is refused from the
+checkpoint's metadata before any array is read.
+
 Damage after writing (a truncated or deleted file, a flipped bit) is caught at
 restore: orbax fails to read a damaged file, and `meta` holds a fingerprint of every
 part of the state that must match what was read. A damaged checkpoint is moved to
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -109,8 +113,53 @@ def _quarantine(mngr: ocp.CheckpointManager, step: int) -> None:
 
 
 def _short(error: Exception) -> str:
+  while error.__cause__ is not None:  # orbax wraps tensorstore's precise error
+    error = error.__cause__
   return str(error).strip().splitlines()[0][:200] if str(error).strip() else (
       type(error).__name__)
+
+
+def _name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+
+
+def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=()) -> None:
+  """Compares `target`'s shapes (under `prefix` of the saved state) with the
+  checkpoint's metadata before anything is read. A restore onto other shapes fails
+  in one array while orbax's reads of the others are still in flight; their
+  completions then find the restore's event loop closed, and each prints a
+  traceback ("Event loop is closed") long after the error."""
+  saved = {'/'.join(map(_name, path)): x.shape for path, x in
+           jax.tree_util.tree_flatten_with_path(ocp.StandardCheckpointHandler().metadata(
+               epath.Path(mngr.directory) / str(step) / 'state'))[0]}
+  names = ['/'.join(map(_name, prefix + tuple(path))) for path, _ in
+           jax.tree_util.tree_flatten_with_path(target)[0]]
+  for name, x in sorted(zip(names, jax.tree.leaves(target)),
+                        key=lambda item: not item[0].startswith('params')):
+    if saved.get(name) != tuple(x.shape):
+      raise CheckpointError(f'it holds {name} of shape {saved.get(name)}, this config'
+                            f' builds {tuple(x.shape)}')
+
+
+def _quiet_orbax_leftovers() -> None:
+  """Drops what the abandoned reads of a failed restore report later (see
+  _check_shapes): "Event loop is closed" and "Task exception was never retrieved"
+  from orbax's coroutines. Anything else is reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'tokcom_quiet', False):
+    return
+
+  def from_orbax(report) -> bool:
+    code = getattr(report.object, 'cr_code', None)
+    return 'Event loop is closed' in str(report.exc_value) or (
+        code is not None and 'orbax' in code.co_filename)
+
+  hook = lambda report: None if from_orbax(report) else previous(report)
+  hook.tokcom_quiet = True
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(lambda record: not (
+      record.getMessage().startswith('Task exception was never retrieved')
+      and 'orbax' in record.getMessage()))
 
 
 def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
@@ -123,6 +172,7 @@ def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
   say), raises and moves nothing. Returns (None, None) when there are no steps.
   """
   steps = sorted(mngr.all_steps(), reverse=True) if steps is None else steps
+  _quiet_orbax_leftovers()  # before the first read: reports come from other threads
   damaged = []
   for step in steps:
     try:
@@ -161,6 +211,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target_state) -> tuple[Any, 
   """Restores onto `target_state`'s shapes and shardings (any mesh), checked
   against the fingerprints saved with it."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  _check_shapes(mngr, step, abstract)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   _check(restored['state'], restored['meta'], step)
@@ -185,8 +236,11 @@ def _open(workdir) -> ocp.CheckpointManager:
 def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
   """(step, meta) of a run's best (or given) checkpoint, without its arrays."""
   mngr = _open(workdir)
-  step = best_step(mngr) if step is None else step
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  try:
+    step = best_step(mngr) if step is None else step
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  finally:
+    mngr.close()
   logging.info('%s: checkpoint step %d', workdir, step)
   return step, meta['meta']
 
@@ -200,6 +254,7 @@ def restore_params(workdir, abstract_params, step: int | None = None
   item = {'params': abstract_params}
 
   def read(step):
+    _check_shapes(mngr, step, abstract_params, ('params',))
     restored = mngr.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore(),
         state=ocp.args.PyTreeRestore(
@@ -209,6 +264,9 @@ def restore_params(workdir, abstract_params, step: int | None = None
     _check(restored['state'], meta, step)
     return restored['state']['params'], meta
 
-  steps = [step] if step is not None else _steps_best_first(mngr)
-  step, (params, meta) = restore_first_good(mngr, read, steps, move_damaged=False)
+  try:
+    steps = [step] if step is not None else _steps_best_first(mngr)
+    step, (params, meta) = restore_first_good(mngr, read, steps, move_damaged=False)
+  finally:
+    mngr.close()
   return params, meta, step

@@ -70,6 +70,9 @@ def guard(main):
       if verbose():
         raise
       report(e)
+    except KeyboardInterrupt as e:  # Ctrl-C; a training run says what it saved
+      print(str(e) or 'interrupted', file=sys.stderr)
+      sys.exit(getattr(e, 'exit_code', 130))
   return guarded
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import pathlib
-import tempfile
 from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
+from tokcom_jax import files
 from tokcom_jax.errors import DataError
 from tokcom_jax.sources import cache_root, fingerprint, iter_documents
 from tokcom_jax.tokenizer import tokenizer_fingerprint
@@ -60,20 +59,44 @@ def load_token_stream(source: str, split: str, tokenizer, cache_dir=None,
   """The split's token stream, from the cache (memory-mapped) or built once.
 
   The cache file is written to a temporary name and renamed into place, so a crash
-  or a kill never leaves a partial cache behind.
+  or a kill never leaves a partial cache behind; one damaged later (truncated, cut
+  short by a full disk, overwritten) is found on open and built again.
   """
   path = cache_path(cache_dir or cache_root(), source, split, tokenizer)
-  if not path.exists():
+  problem = cache_problem(path) if path.exists() else 'missing'
+  if problem != 'missing' and problem is not None:
+    logging.warning('token cache %s is damaged (%s): building it again', path, problem)
+  if problem is not None:
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = tokenize_to_stream(
         iter_documents(source, split, text_column, hf_split), tokenizer,
         desc=f'tokenizing {source} {split}')
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.npy.tmp',
-                                     delete=False) as f:
+    with files.atomic_open(path) as f:
       np.save(f, stream)
-    os.replace(f.name, path)
     logging.info('cached %d %s tokens in %s', stream.size, split, path)
   return np.load(path, mmap_mode='r')
+
+
+def cache_problem(path: pathlib.Path) -> str | None:
+  """Why a token cache cannot be used, or None: its header must parse as a flat
+  array of uint16/uint32 tokens and the file must be exactly as long as it says."""
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  try:
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      if version not in readers:
+        return f'unknown .npy version {version}'
+      shape, _, dtype = readers[version](f)
+      header = f.tell()
+  except (OSError, ValueError) as e:
+    return f'unreadable header: {e}'
+  if len(shape) != 1 or dtype not in (np.uint16, np.uint32):
+    return f'holds {dtype} {list(shape)}, not a token stream'
+  expected, size = header + shape[0] * dtype.itemsize, path.stat().st_size
+  if size != expected:
+    return f'{size} bytes, its header says {expected}'
+  return None
 
 
 def _show_progress() -> bool:

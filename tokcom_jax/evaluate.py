@@ -26,6 +26,7 @@ and, beside it, the reference `ar` run's samples (drawn at temperature 1).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ import time
 import numpy as np
 from etils import epath
 
+from tokcom_jax import files, workdir_lock
 from tokcom_jax.errors import DataError, SamplingError
 from tokcom_jax.text_metrics import (distinct_n, frechet_latent_distance,
                                      repeat_ngram_rate, unigram_entropy)
@@ -135,21 +137,15 @@ def _read_metrics(workdir: str) -> list[dict]:
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
-def _savefig(fig, path: epath.Path) -> str:
-  with path.open('wb') as f:  # local or gs://
-    fig.savefig(f, format='png', dpi=100)
-  return str(path)
-
-
-def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
-         ) -> list[str]:
-  """Loss curves of each stage's run and the decodability curve, as PNGs."""
+def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None,
+         save=files.write_figure) -> list[str]:
+  """Loss curves of each stage's run and the decodability curve, as PNGs;
+  `save(fig, path)` writes each and returns where (None when it could not)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   out_dir = epath.Path(workdir) / 'plots'
-  out_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for stage, run in runs.items():
     rows = _read_metrics(run)
@@ -163,7 +159,7 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
     ax.set(xlabel='step', ylabel='loss', yscale='log', title=f'{stage}: {run}')
     ax.legend()
     fig.tight_layout()
-    written.append(_savefig(fig, out_dir / f'{stage}_loss.png'))
+    written.append(save(fig, out_dir / f'{stage}_loss.png'))
     plt.close(fig)
   if curve:
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -171,9 +167,9 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
     ax.set(xlabel='latent noise σ (× per-dimension std)', ylabel='token accuracy',
            ylim=(0, 1.02), title='decodability')
     fig.tight_layout()
-    written.append(_savefig(fig, out_dir / 'decodability.png'))
+    written.append(save(fig, out_dir / 'decodability.png'))
     plt.close(fig)
-  return written
+  return [w for w in written if w]
 
 
 # ------------------------------------------------------------------------- main
@@ -181,17 +177,28 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None
 
 def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
              num_windows: int = 256, batch_size: int = 32, seed: int = 0,
-             reference: str | None = None) -> dict:
-  """All metrics of a run; writes eval.json and plots into `workdir`.
+             reference: str | None = None, vae_workdir: str | None = None) -> dict:
+  """All metrics of a run; writes eval.json and plots into `workdir` (holding its
+  lock), or only returns them when `workdir` cannot be written.
 
   `reference`: the `ar` run that scores generation quality (default: the newest
-  `ar` run beside `workdir`, or `workdir` itself when it is one)."""
-  from tokcom_jax import data, quality, sampling
-
+  `ar` run beside `workdir`, or `workdir` itself when it is one). `vae_workdir`:
+  where a stage-2 run's VAE is, when not where the run recorded it."""
   if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
     raise SamplingError('--steps, --num_samples, --num_windows and --batch_size must'
                         ' be positive.')
-  model = sampling.load(workdir)
+  with workdir_lock.hold(workdir, 'evaluation', create=False, required=False):
+    result, samples, plots = _measure(workdir, num_samples, steps, num_windows,
+                                      batch_size, seed, reference, vae_workdir)
+    _write(workdir, result, samples, plots)
+  return result
+
+
+def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, reference,
+             vae_workdir) -> tuple[dict, list[str], dict[str, str]]:
+  """(metrics, generated texts, {stage: run} whose loss curves to plot)."""
+  from tokcom_jax import data, quality, sampling
+  model = sampling.load(workdir, vae_workdir)
   is_ar = isinstance(model, sampling.AutoregressiveLM)
   c = model.config
   stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
@@ -240,17 +247,36 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
         ref, train, model.tokenizer, c.chunk_size, batch_size)
     logging.warning('generation quality (reference %s):\n%s', reference,
                     quality.markdown_table(result['generation_quality']))
-  out = epath.Path(workdir)
-  result['plots'] = plot(workdir, dict(plots), result.get('recon_token_accuracy_at_noise'))
+  return result, samples, dict(plots)
+
+
+def _write(workdir: str, result: dict, samples: list[str], plots: dict[str, str]):
+  """Plots, eval.json and eval_samples.jsonl, each whole or not at all; what cannot
+  be written (a read-only copy of a run) is named in one warning."""
+  from tokcom_jax import quality
+  out, failed = epath.Path(workdir), []
+
+  def attempt(write, path, content):
+    try:
+      return write(path, content)
+    except OSError as e:
+      failed.append((os.path.relpath(str(path), str(out)), e))
+
+  save = lambda fig, path: attempt(lambda p, f: files.write_figure(f, p), path, fig)
+  result['plots'] = plot(workdir, plots, result.get('recon_token_accuracy_at_noise'),
+                         save)
   if 'generation_quality' in result:
-    result['plots'].append(quality.plot(result['generation_quality'],
-                                        out / 'plots' / 'generation_quality.png'))
-  (out / 'eval.json.tmp').write_text(json.dumps(result, indent=2))
-  (out / 'eval.json.tmp').replace(out / 'eval.json')
+    result['plots'] += [quality.plot(result['generation_quality'],
+                                     out / 'plots' / 'generation_quality.png', save)]
+  result['plots'] = [p for p in result['plots'] if p]
+  attempt(files.write_text, out / 'eval.json', json.dumps(result, indent=2))
   if samples:
-    (out / 'eval_samples.jsonl').write_text(''.join(
+    attempt(files.write_text, out / 'eval_samples.jsonl', ''.join(
         json.dumps({'sample': i, 'text': t}) + '\n' for i, t in enumerate(samples)))
-  return result
+  if failed:
+    logging.warning('could not write %s in %s (%s): the results are printed only.',
+                    ', '.join(name for name, _ in failed), workdir,
+                    failed[0][1].strerror or failed[0][1])
 
 
 def main(argv):
@@ -261,7 +287,7 @@ def main(argv):
   F = flags.FLAGS
   flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.EVALUATE_FLAGS)
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
-                    F.seed, F.reference)
+                    F.seed, F.reference, F.vae_workdir)
   print(json.dumps(result, indent=2))
 
 
@@ -271,6 +297,8 @@ def _define_flags():
                       ' run, or a VAE run (VAE metrics only).', required=True)
   flags.DEFINE_string('reference', None, 'The ar run that scores generation quality'
                       ' (default: the newest ar run beside --workdir).')
+  flags.DEFINE_string('vae_workdir', None, 'Where the VAE of a stage-2 run is, when'
+                      ' not where the run recorded it (a moved stage-1 run).')
   flags.DEFINE_integer('num_samples', 64, 'Texts to generate.')
   flags.DEFINE_integer('steps', 50, 'Euler steps per sample.')
   flags.DEFINE_integer('num_windows', 256, 'Held-out windows to evaluate on.')

@@ -88,6 +88,7 @@ SAMPLE_FLAGS = {
     'temperature': NON_NEGATIVE,  # 0: argmax
     'top_k': COUNT,  # 0: every token; at most the run's vocabulary
     'top_p': PROBABILITY,
+    'vae_workdir': RUN_DIR,  # where stage 1 is, when not where the run recorded it
 }
 EVALUATE_FLAGS = {
     'workdir': RUN_DIR,
@@ -97,6 +98,7 @@ EVALUATE_FLAGS = {
     'num_windows': POSITIVE_INT,
     'batch_size': POSITIVE_INT,
     'seed': COUNT,
+    'vae_workdir': RUN_DIR,
 }
 RESILIENCE_FLAGS = {'kills': COUNT, 'seed': COUNT,
                     'root': Rule(lambda v: directory_problem('--root', v), None)}

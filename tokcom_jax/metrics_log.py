@@ -1,8 +1,10 @@
 """What a run writes as it trains: metrics.jsonl, samples.jsonl and wandb (process 0).
 
 `metrics.jsonl` holds one JSON object per logged step; `samples.jsonl` one per
-end-of-epoch sample. wandb is imported lazily, only by process 0 of a run that logs
-to it, and goes online only with an API key.
+end-of-epoch sample. Locally they are appended to; an object store (a gs://
+workdir) has no append, so there each write replaces the whole object. wandb is
+imported lazily, only by process 0 of a run that logs to it, and goes online only
+with an API key.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+
+from tokcom_jax import files
 
 
 class MetricsLog:
@@ -78,8 +82,7 @@ def _wandb_key() -> bool:
 
 
 def _append(path: epath.Path, rows: list[dict]) -> None:
-  with path.open('a') as f:
-    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  files.append_lines(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
 def truncate_jsonl(path: epath.Path, last_step: int) -> None:
@@ -93,9 +96,7 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> None:
         rows.append(line)
     except (json.JSONDecodeError, KeyError, TypeError):
       pass
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(''.join(l + '\n' for l in rows))
-  tmp.replace(path)
+  files.write_text(path, ''.join(l + '\n' for l in rows))
 
 
 def _to_python(v):

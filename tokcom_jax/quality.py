@@ -23,7 +23,7 @@ import os
 import numpy as np
 from etils import epath
 
-from tokcom_jax import text_metrics
+from tokcom_jax import files, text_metrics
 
 ROWS = ('real', 'shuffled', 'tokcom', 'ar')
 
@@ -89,8 +89,9 @@ def markdown_table(quality: dict) -> str:
   return '\n'.join(lines)
 
 
-def plot(quality: dict, path: epath.Path) -> str:
-  """Perplexity against entropy, one point per set of texts."""
+def plot(quality: dict, path: epath.Path, save=files.write_figure) -> str | None:
+  """Perplexity against entropy, one point per set of texts; `save(fig, path)`
+  writes it and returns where."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -104,7 +105,6 @@ def plot(quality: dict, path: epath.Path) -> str:
          ylabel=f'perplexity under {os.path.basename(quality["reference"])}',
          title='generation quality (chunk validity in brackets)')
   fig.tight_layout()
-  with path.open('wb') as f:
-    fig.savefig(f, format='png', dpi=100)
+  written = save(fig, path)
   plt.close(fig)
-  return str(path)
+  return written

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from flax import nnx
 
-from tokcom_jax import checkpoint, config_lib, flow, sharding, stages, train_state
+from tokcom_jax import (checkpoint, config_lib, flow, portable, sharding, stages,
+                        train_state)
 from tokcom_jax.decoding import choose_tokens
-from tokcom_jax.errors import CheckpointError, SamplingError
+from tokcom_jax.errors import SamplingError
 from tokcom_jax.lm_sampling import AutoregressiveLM, check_counts
 from tokcom_jax.tokenizer import ids_text, load_tokenizer, text_ids
 
@@ -236,26 +236,28 @@ class TokCom:
                                    jax.random.key(0), 0.0, 0, 1.0))
 
 
-def load(workdir: str) -> TokCom | AutoregressiveLM:
+def load(workdir: str, vae_workdir: str | None = None) -> TokCom | AutoregressiveLM:
   """Loads what train.py wrote in `workdir`: a TokCom (from a stage-2 run, or the
-  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run)."""
+  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run).
+
+  A stage-2 run finds its VAE where it recorded it (relative to itself, so a moved
+  or copied runs/ tree loads) or at `vae_workdir`, and refuses any VAE other than
+  the checkpoint it was trained on (tokcom_jax.portable)."""
   _, meta = checkpoint.read_meta(workdir)
   config = config_lib.from_dict(meta['config'])
-  tokenizer_dir = meta['tokenizer_dir']
-  if not (epath.Path(tokenizer_dir) / 'tokenizer_config.json').exists():
-    raise CheckpointError(f'the tokenizer of {workdir} is missing from'
-                          f' {tokenizer_dir}.')
-  tokenizer = load_tokenizer(config.tokenizer, tokenizer_dir)
   mesh = sharding.make_mesh(-1, 1)
-  restore = lambda run, stage: checkpoint.restore_params(
-      run, train_state.abstract_params(stages.get(config, stage).build, mesh)[1])[0]
-  if meta['stage'] == 'ar':
-    return AutoregressiveLM(config, tokenizer, restore(workdir, 'ar'),
-                            workdir=str(workdir))
-  if meta['stage'] == 'vae':
-    return TokCom(config, tokenizer, restore(workdir, 'vae'), workdir=str(workdir))
-  # Runs written before frozen models were recorded by name kept `vae_workdir`.
-  vae_dir = meta.get('frozen', {}).get('vae') or meta.get('vae_workdir')
-  return TokCom(config, tokenizer, restore(vae_dir, 'vae'),
-                restore(workdir, meta['stage']), workdir=str(workdir),
-                vae_workdir=str(vae_dir))
+  abstract = lambda stage: train_state.abstract_params(
+      stages.get(config, stage).build, mesh)[1]
+  restore = lambda stage: checkpoint.restore_params(workdir, abstract(stage))[0]
+  if meta['stage'] in ('ar', 'vae'):
+    tokenizer = load_tokenizer(config.tokenizer, portable.tokenizer_dir(workdir, meta))
+    if meta['stage'] == 'ar':
+      return AutoregressiveLM(config, tokenizer, restore('ar'), workdir=str(workdir))
+    return TokCom(config, tokenizer, restore('vae'), workdir=str(workdir))
+  vae_dir, recorded = portable.find_frozen(workdir, meta, 'vae', vae_workdir)
+  tokenizer = load_tokenizer(config.tokenizer,
+                             portable.tokenizer_dir(workdir, meta, vae_dir))
+  vae_params = portable.restore_frozen(workdir, 'vae', vae_dir, recorded,
+                                       abstract('vae'))
+  return TokCom(config, tokenizer, vae_params, restore(meta['stage']),
+                workdir=str(workdir), vae_workdir=str(vae_dir))

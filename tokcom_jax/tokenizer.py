@@ -95,23 +95,42 @@ def _local_dir(path) -> str:
 
 
 def _save_tokenizer(tokenizer, save_dir) -> None:
-  """Written whole or not at all: into a temporary directory beside `save_dir`,
-  then renamed (a kill mid-write leaves no half tokenizer behind)."""
+  _write_dir(save_dir, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+
+
+def copy_tokenizer(src, dst) -> None:
+  """The tokenizer saved in `src`, copied file by file to `dst` (a stage-2 run keeps
+  its VAE's tokenizer, so that it loads wherever it is moved)."""
+  if (epath.Path(dst) / 'tokenizer_config.json').exists():
+    return
+
+  def fill(tmp: pathlib.Path):
+    for f in epath.Path(src).iterdir():
+      (tmp / f.name).write_bytes(f.read_bytes())
+  _write_dir(dst, fill)
+
+
+def _write_dir(save_dir, fill) -> None:
+  """A directory written whole or not at all: `fill(tmp)` writes it into a temporary
+  directory beside `save_dir`, which is then renamed (a kill mid-write leaves no half
+  tokenizer behind)."""
   if not is_remote(save_dir):
     save_dir = pathlib.Path(save_dir)
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=save_dir.parent, prefix='.tokenizer-'))
-    tokenizer.save_pretrained(str(tmp))
+    fill(tmp)
     if save_dir.exists():  # an empty or partial directory from before
       shutil.rmtree(save_dir)
     os.replace(tmp, save_dir)
     return
-  # transformers writes local files only: save, then copy to the bucket.
+  # transformers writes local files only: write, then copy to the bucket, with
+  # tokenizer_config.json (what readers look for) last.
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer.save_pretrained(tmp)
+    fill(pathlib.Path(tmp))
     dst = epath.Path(save_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    for f in pathlib.Path(tmp).iterdir():
+    for f in sorted(pathlib.Path(tmp).iterdir(),
+                    key=lambda f: f.name == 'tokenizer_config.json'):
       (dst / f.name).write_bytes(f.read_bytes())
 
 

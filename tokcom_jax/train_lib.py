@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -24,8 +25,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from tokcom_jax import (checkpoint, data, sharding, sources, stages, steps, tokenizer,
-                        train_state)
+from tokcom_jax import (checkpoint, data, files, portable, sharding, stages, steps,
+                        tokenizer, train_state, workdir_lock)
 from tokcom_jax.config_lib import validate
 from tokcom_jax.errors import ConfigError, TrainingError  # noqa: F401 (re-exported)
 from tokcom_jax.metrics_log import MetricsLog
@@ -33,18 +34,44 @@ from tokcom_jax.metrics_log import MetricsLog
 
 @dataclasses.dataclass
 class Preemption:
-  """SIGTERM (TPU maintenance, `kill`) asks for a save at the next step boundary."""
-  requested: bool = False
+  """SIGTERM (TPU maintenance, `kill`) and Ctrl-C ask for a save at the next step
+  boundary; a second Ctrl-C ends the process at once, without saving."""
+  reason: str | None = None
+  previous: dict = dataclasses.field(default_factory=dict)
 
   def install(self):
-    signal.signal(signal.SIGTERM, lambda *_: setattr(self, 'requested', True))
+    if threading.current_thread() is threading.main_thread():  # where signals go
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `cmd &` in a script
+          self.previous[signum] = signal.signal(signum, self._request)
     return self
+
+  def _request(self, signum, frame):
+    del frame
+    self.reason = 'interrupted' if signum == signal.SIGINT else 'preempted'
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+  def uninstall(self):
+    for signum, handler in self.previous.items():
+      if handler is not None:
+        signal.signal(signum, handler)
 
   def should_stop(self) -> bool:
     if jax.process_count() == 1:
-      return self.requested
+      return self.reason is not None
     # Every process must agree, or the collective save would hang.
-    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+    return bool(multihost_utils.process_allgather(
+        np.array(self.reason is not None)).any())
+
+
+class Stopped(KeyboardInterrupt):
+  """A run that saved and stopped on a signal; its message is the line to print
+  (`tokcom_jax.cli` prints it and exits with `exit_code`)."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 def is_sample_step(done: int, total_steps: int, steps_per_epoch: int, sample) -> bool:
@@ -57,12 +84,13 @@ def is_sample_step(done: int, total_steps: int, steps_per_epoch: int, sample) ->
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.stage` in `workdir`; 'all' trains the VAE, then the flow model."""
   validate(config)  # again: --config.field=value flags apply after get_config
-  if config.stage == 'all':
-    vae_dir = os.path.join(workdir, 'vae')
-    train(_with(config, stage='vae'), vae_dir)
-    return train(_with(config, stage='diffusion', vae_workdir=vae_dir),
-                 os.path.join(workdir, 'diffusion'))
-  return Trainer(config, workdir).run()
+  with workdir_lock.hold(workdir, 'training'):
+    if config.stage == 'all':  # a stopped stage 1 raises Stopped: no stage 2
+      vae_dir = os.path.join(workdir, 'vae')
+      train(_with(config, stage='vae'), vae_dir)
+      return train(_with(config, stage='diffusion', vae_workdir=vae_dir),
+                   os.path.join(workdir, 'diffusion'))
+    return Trainer(config, workdir).run()
 
 
 def _with(config, **fields):
@@ -70,11 +98,6 @@ def _with(config, **fields):
   config.update(fields)
   config.lock()
   return config
-
-
-def _absolute(path) -> str:
-  path = str(path)
-  return path if sources.is_remote(path) else os.path.abspath(path)
 
 
 class Trainer:
@@ -92,8 +115,11 @@ class Trainer:
       self.workdir.mkdir(parents=True, exist_ok=True)
     frozen = stage.frozen()
     self.frozen_graphdefs = train_state.frozen_graphdefs(frozen)
-    self.frozen = train_state.load_frozen(frozen, self.mesh)
+    self.frozen, read = train_state.load_frozen(frozen, self.mesh)
     self.tokenizer = tokenizer.run_tokenizer(config, stage.tokenizer_dir(self.workdir))
+    if jax.process_index() == 0:  # a stage-2 run keeps its own copy of the VAE's
+      tokenizer.copy_tokenizer(stage.tokenizer_dir(self.workdir),
+                               self.workdir / 'tokenizer')
     self.train_windows, self.val_windows = data.load_splits(
         config, self.tokenizer, self.batch_size)
     self.steps_per_epoch = data.steps_per_epoch(self.train_windows.num_windows,
@@ -115,9 +141,12 @@ class Trainer:
     self.key = jax.random.key(config.seed)
     self.rows = sharding.process_rows(self.batch_size, self.mesh)
     self.ckpt = checkpoint.manager(self.workdir, keep=tc.keep_checkpoints)
+    # Paths relative to the run, and which checkpoint of each frozen run: a moved
+    # run loads, and never with another VAE (tokcom_jax.portable).
     self.meta = {'stage': stage.name, 'config': config.to_dict(),
-                 'tokenizer_dir': _absolute(stage.tokenizer_dir(self.workdir)),
-                 'frozen': {k: _absolute(f.workdir) for k, f in frozen.items()}}
+                 'tokenizer_dir': 'tokenizer',
+                 'frozen': {k: portable.record(self.workdir, f.workdir, *read[k])
+                            for k, f in frozen.items()}}
 
   def _batch(self, windows: data.Windows, indices: np.ndarray) -> jax.Array:
     return sharding.global_batch(windows.get(indices[self.rows]), self.mesh,
@@ -139,6 +168,7 @@ class Trainer:
     step, restored = checkpoint.restore_first_good(
         self.ckpt, lambda step: checkpoint.restore(self.ckpt, step, self.state))
     if step is not None:
+      portable.check_resume(restored[1], self.meta)
       self.state = restored[0]
       logging.info('resumed from %s step %d', self.ckpt.directory, step)
     return step or 0
@@ -147,8 +177,8 @@ class Trainer:
     checkpoint.save(self.ckpt, step, self.state, self.meta, metrics, force=force)
 
   def run(self, stop_after: int | None = None) -> dict[str, float]:
-    """Trains to the end (or until step `stop_after`, then saves as on SIGTERM)."""
-    tc = self.config.train
+    """Trains to the end, or until step `stop_after` (then saves and returns). On
+    SIGTERM or Ctrl-C it saves the current step and raises Stopped."""
     start = self._restore()
     if start == 0:  # parameters measured on data (the flow's latent statistics)
       n = self.train_windows.num_windows
@@ -157,9 +187,29 @@ class Trainer:
           (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
            for b in itertools.count()))
     if jax.process_index() == 0:
-      (self.workdir / 'config.json').write_text(self.config.to_json_best_effort(indent=2))
+      files.write_text(self.workdir / 'config.json',
+                       self.config.to_json_best_effort(indent=2))
     self.log = MetricsLog(self.workdir, self.config, start)
     preemption = Preemption().install()
+    try:
+      self._loop(start, preemption, stop_after)
+      self.ckpt.wait_until_finished()
+      stopped = preemption.should_stop()  # a signal after the last step stops `:all`
+    finally:
+      preemption.uninstall()
+      self.log.close()
+    last = self.ckpt.latest_step()
+    self.ckpt.close()
+    if stopped:
+      reason = preemption.reason or 'preempted'  # (on the processes not signalled)
+      where = self.workdir / 'checkpoints' / str(last)
+      raise Stopped(f'{reason}: saved step {last} to {where}; run the same command to'
+                    ' resume.', 130 if reason == 'interrupted' else 143)
+    return self.last
+
+  def _loop(self, start: int, preemption: Preemption, stop_after) -> None:
+    """The steps from `start`, until the end, `stop_after` or a signal."""
+    tc = self.config.train
     self.pending, self.epoch_losses, self.last = [], [], {}
     self.t_log = time.perf_counter()
     eval_every = tc.eval_every or self.steps_per_epoch
@@ -170,7 +220,6 @@ class Trainer:
         self._flush(bar)
         if self.ckpt.latest_step() != step:  # an eval may just have saved it
           self._save(step, force=True)
-        logging.warning('stopped: saved step %d in %s', step, self.workdir)
         break
       idx = data.train_indices(step, self.config.seed,
                                self.train_windows.num_windows, self.batch_size)
@@ -192,9 +241,6 @@ class Trainer:
                         self.config.sample):
         self._log_samples(done)
     bar.close()
-    self.ckpt.wait_until_finished()
-    self.log.close()
-    return self.last
 
   def _flush(self, bar) -> None:
     """Reads and logs the metrics of the steps dispatched since the last log."""

@@ -119,13 +119,15 @@ def abstract_frozen(frozen: dict[str, FrozenModel], mesh) -> dict:
   return {name: abstract_params(f.build, mesh)[1] for name, f in frozen.items()}
 
 
-def load_frozen(frozen: dict[str, FrozenModel], mesh) -> dict:
-  """The frozen models' parameters, restored from their runs onto `mesh`."""
-  params = {}
+def load_frozen(frozen: dict[str, FrozenModel], mesh) -> tuple[dict, dict]:
+  """(parameters, {name: (step, parameter fingerprint)}) of the frozen models,
+  restored from their runs onto `mesh`."""
+  params, read = {}, {}
   for name, f in frozen.items():
     if not checkpoint.checkpoint_dir(f.workdir).exists():
       raise TrainingError(f'{f.workdir!r} has no checkpoints: {f.missing_hint}')
-    params[name], _, step = checkpoint.restore_params(
+    params[name], meta, step = checkpoint.restore_params(
         f.workdir, abstract_params(f.build, mesh)[1])
+    read[name] = (step, (meta.get('fingerprints') or {}).get('params'))
     logging.info('frozen %s from %s step %d', name, f.workdir, step)
-  return params
+  return params, read

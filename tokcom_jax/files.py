@@ -1,0 +1,76 @@
+"""Whole-file writes that a crash or a kill never leaves half done.
+
+A local file is written under a temporary name in its own directory, synced, and
+renamed over the old one (`os.replace` is atomic), so readers see the old file or
+the new one, never a torn one. An object store (gs://…) makes an object visible
+only when its upload completes, so a remote file is written directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+from typing import BinaryIO, Iterator
+
+from etils import epath
+
+from tokcom_jax.sources import is_remote
+
+
+@contextlib.contextmanager
+def atomic_open(path) -> Iterator[BinaryIO]:
+  """A binary file to write whole; it replaces `path` when the block ends without
+  an error, and nothing changes when it raises."""
+  if is_remote(path):
+    buffer = io.BytesIO()
+    yield buffer  # uploaded only when the block succeeds
+    epath.Path(path).write_bytes(buffer.getvalue())
+    return
+  path = os.fspath(path)
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f'.{name}.{secrets.token_hex(4)}.tmp')
+  # os.open with 0o666 (less the umask): the file gets the permissions a plain
+  # open() would give it, not tempfile's owner-only 0o600.
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def write_bytes(path, data: bytes) -> None:
+  with atomic_open(path) as f:
+    f.write(data)
+
+
+def write_text(path, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
+
+
+def write_figure(fig, path) -> str:
+  """A matplotlib figure as a PNG at `path` (its directory made if missing)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  write_bytes(path, buffer.getvalue())
+  return str(path)
+
+
+def append_lines(path, text: str) -> None:
+  """Appends to a text file; an object store has no append, so a remote file is
+  read, extended and written again as a new object."""
+  path = epath.Path(path)
+  if is_remote(path):
+    old = path.read_text() if path.exists() else ''
+    write_text(path, old + text)
+    return
+  with path.open('a') as f:
+    f.write(text)
