@@ -43,7 +43,8 @@ def find_reference(workdir: str) -> str | None:
       found.append(run)
   if not found:
     return None
-  return max(found, key=lambda r: os.path.getmtime(os.path.join(r, 'checkpoints')))
+  best = max(found, key=lambda r: os.path.getmtime(os.path.join(r, 'checkpoints')))
+  return best if os.path.isabs(workdir) else os.path.relpath(best)  # named as given
 
 
 def _ids(tokenizer, text: str) -> np.ndarray:

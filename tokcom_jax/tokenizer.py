@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 
 from tokcom_jax.errors import ConfigError, DataError, SamplingError
-from tokcom_jax.sources import (OFFLINE_HINT, cache_root, fingerprint, hub_reachable,
+from tokcom_jax.sources import (cache_root, fingerprint, hub_error, hub_reachable,
                                 is_remote, iter_documents)
 
 EOS = '<|endoftext|>'
@@ -73,8 +73,7 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
       local = os.path.isdir(spec) or not hub_reachable()
       tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
     except Exception as e:
-      raise DataError(f'cannot load tokenizer {spec!r} ({type(e).__name__}):'
-                      f' {OFFLINE_HINT}') from e
+      raise hub_error('tokenizer', spec, e) from e
   if tokenizer.eos_token_id is None:
     raise DataError(f'tokenizer {spec!r} has no EOS token to join documents with.')
   if tokenizer.pad_token_id is None:
