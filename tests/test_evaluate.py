@@ -61,4 +61,4 @@ def test_evaluate_a_run(runs, ar_run):
       [sys.executable, '-m', 'tokcom_jax.evaluate', f'--workdir={vae_dir}/none'],
       capture_output=True, text=True, cwd=REPO)
   assert bad.returncode == 2 and bad.stderr.startswith('error: ')
-  assert 'has no checkpoints' in bad.stderr and 'Traceback' not in bad.stderr
+  assert 'does not exist' in bad.stderr and 'Traceback' not in bad.stderr

@@ -83,7 +83,7 @@ def test_schedule_warmup_longer_than_the_run_still_reaches_the_peak():
 def micro_vae_params():
   """The micro VAE's parameters (no data needed), every one nonzero: biases
   initialise to 0, and decay of a 0 is invisible."""
-  config = train_fixtures.micro_config('unused', 'unused')
+  config = train_fixtures.micro_config('files:unused/*.txt', 'unused')
   model = nnx.eval_shape(lambda: stages.get(config).build(nnx.Rngs(0)))
   leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(model)))
   keys = jax.random.split(jax.random.key(1), len(leaves))
