@@ -36,7 +36,9 @@ MICRO = dict(
        'dit.num_heads': 2, 'dit.num_kv_heads': 1, 'dit.intermediate_size': 64,
        'dit.time_freq_dim': 32, 'train.vae.num_steps': 8,
        'train.diffusion.num_steps': 8, 'log_every': 1, 'eval_every': 4,
-       'eval_batches': 2, 'warmup_steps': 2})
+       'eval_batches': 2, 'warmup_steps': 2,
+       # Micro runs must reconstruct within a few hundred steps: no latent noise.
+       'vae.latent_noise': 0.0})
 
 
 def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers
