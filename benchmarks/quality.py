@@ -48,6 +48,8 @@ VARIANTS = {
     'norm64_std_sc': (NORM64, STD + ',self_condition=True'),
     'ardec_norm64_std_sc': (NORM64 + ',autoregressive_decoder=True',
                             STD + ',self_condition=True'),
+    'norm64_std_sc_6k': (NORM64, STD + ',self_condition=True,'
+                                 'train.diffusion.num_steps=6000'),
 }
 
 
