@@ -227,6 +227,48 @@ def test_a_damaged_checkpoint_is_one_line_without_orbax_noise(runs, tmp_path):
   assert np.all([s not in out.stderr for s in ('Traceback', 'Event loop')])
 
 
+def test_abandoned_orbax_reads_report_nothing_else_still_does():
+  """A failed restore leaves reads whose errors asyncio reports when they are
+  collected, as "Task ..." or "_GatheringFuture exception was never retrieved"
+  (the latter's text names no file: only its traceback shows where it came from).
+  Those from orbax are dropped, any other is still reported."""
+  import asyncio
+  import gc
+  import logging
+
+  def reports_of(filename):
+    scope = {}
+    exec(compile('async def read():\n  raise ValueError("OUT_OF_RANGE")\n', filename,
+                 'exec'), scope)
+
+    async def leave_unretrieved():
+      task = asyncio.ensure_future(scope['read']())
+      gathered = asyncio.gather(scope['read'](), scope['read']())
+      await asyncio.sleep(0.01)
+      return task, gathered
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger('asyncio')
+    logger.addHandler(handler)
+    loop = asyncio.new_event_loop()
+    try:
+      futures = loop.run_until_complete(leave_unretrieved())
+      loop.close()
+      del futures
+      gc.collect()
+    finally:
+      logger.removeHandler(handler)
+    return sorted(r.getMessage().split('\n')[0] for r in records)
+
+  checkpoint._quiet_orbax_leftovers()
+  assert reports_of('/venv/site-packages/orbax/checkpoint/fake.py') == []
+  assert reports_of('/venv/site-packages/other/fake.py') == [
+      'Task exception was never retrieved',
+      '_GatheringFuture exception was never retrieved']
+
+
 @pytest.mark.parametrize('frozen, run, relative', [
     ('/data/runs/vae', '/data/runs/diffusion', '../vae'),
     ('/data/runs/tiny/vae', '/data/runs/tiny', 'vae'),

@@ -172,8 +172,10 @@ def test_the_python_api_example_runs(runs, ar_run, tmp_path, monkeypatch, capsys
 
 def make_n(target: str, *variables: str) -> list[str]:
   """The commands `make target` would run, from scratch (-B), without running them."""
-  out = subprocess.run(['make', '-n', '-B', target, *variables], cwd=REPO,
-                       capture_output=True, text=True, check=True)
+  # Under `make test` (CI), the outer make's MAKEFLAGS would hand its VENV=... down.
+  env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MFLAGS', 'MAKELEVEL')}
+  out = subprocess.run(['make', '--no-print-directory', '-n', '-B', target, *variables],
+                       cwd=REPO, capture_output=True, text=True, check=True, env=env)
   return out.stdout.splitlines()
 
 

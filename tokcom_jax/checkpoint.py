@@ -157,9 +157,25 @@ def _quiet_orbax_leftovers() -> None:
   hook = lambda report: None if from_orbax(report) else previous(report)
   hook.tokcom_quiet = True
   sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(lambda record: not (
-      record.getMessage().startswith('Task exception was never retrieved')
-      and 'orbax' in record.getMessage()))
+  logging.getLogger('asyncio').addFilter(lambda record: not _from_orbax(record))
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+  """An asyncio report ("Task exception was never retrieved", "_GatheringFuture
+  exception was never retrieved", ...) of an error raised in orbax's reads."""
+  if 'exception was never retrieved' not in record.getMessage():
+    return False
+  if 'orbax' in record.getMessage():
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  while error is not None:
+    frame = error.__traceback__
+    while frame is not None:
+      if 'orbax' in frame.tb_frame.f_code.co_filename:
+        return True
+      frame = frame.tb_next
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
