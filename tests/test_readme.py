@@ -172,8 +172,10 @@ def test_the_python_api_example_runs(runs, ar_run, tmp_path, monkeypatch, capsys
 
 def make_n(target: str, *variables: str) -> list[str]:
   """The commands `make target` would run, from scratch (-B), without running them."""
-  # Under `make test` (CI), the outer make's MAKEFLAGS would hand its VENV=... down.
-  env = {k: v for k, v in os.environ.items() if k not in ('MAKEFLAGS', 'MFLAGS', 'MAKELEVEL')}
+  # Under `make test VENV=…` (CI), the outer make hands VENV down, in MAKEFLAGS and
+  # in the environment (make exports command-line variables); a user's make has neither.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('MAKEFLAGS', 'MFLAGS', 'MAKELEVEL', 'VENV', 'PYTHON')}
   out = subprocess.run(['make', '--no-print-directory', '-n', '-B', target, *variables],
                        cwd=REPO, capture_output=True, text=True, check=True, env=env)
   return out.stdout.splitlines()
