@@ -50,6 +50,8 @@ VARIANTS = {
                             STD + ',self_condition=True'),
     'norm64_std_sc_6k': (NORM64, STD + ',self_condition=True,'
                                  'train.diffusion.num_steps=6000'),
+    # Chunks one after another, each from the clean chunks before it (flow.order).
+    'chunkwise': (NORM64, STD + ',self_condition=True,order=chunkwise'),
 }
 
 

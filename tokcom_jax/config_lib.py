@@ -21,7 +21,7 @@ RECIPES = {
     'v52': dict(
         flow=dict(noise_std=0.05, t_schedule='uniform', t_shift=1.0, sample_shift=1.0,
                   ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
-                  self_condition=False),
+                  self_condition=False, order='parallel'),
         vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
                  normalize_latent=False, autoregressive_decoder=False)),
 }
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow = ml_collections.ConfigDict(dict(
       noise_std=0.05, t_schedule='uniform', t_mean=0.0, t_std=1.0, t_shift=1.0,
       sample_shift=1.0, ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
-      self_condition=False))
+      self_condition=False, order='parallel'))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.

@@ -5,6 +5,12 @@ It reads noisy latents x_t [B, N, Z] and the time t [B], and predicts the clean
 latents x1 [B, N, Z]. Attention is bidirectional over chunk positions (RoPE on the
 chunk index). Every block and the final layer start at zero output, so at
 initialisation the body is the identity map and the prediction is zero.
+
+With `causal` (`flow.order = 'chunkwise'`), chunk n attends to chunks ≤ n only, each
+chunk has its own time t [B, N], and a second input stream carries the clean latent
+of the chunk before (a learned start vector at chunk 0): the model predicts chunk n
+from the clean chunks before it and its own noisy version, for every n at once in
+training, and the sampler generates one chunk after another (flow.chunkwise_sample).
 """
 
 from __future__ import annotations
@@ -25,8 +31,14 @@ Array = jax.Array
 # ------------------------------------------------------------- adaLN-Zero layers
 
 
-def modulate(x_BTD: Array, shift_BD: Array, scale_BD: Array) -> Array:
-  return x_BTD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
+def per_position(v: Array) -> Array:
+  """A condition [B, D] (one per example) as [B, 1, D]; [B, T, D] (one per position,
+  the chunkwise model's) as it is."""
+  return v[:, None, :] if v.ndim == 2 else v
+
+
+def modulate(x_BTD: Array, shift: Array, scale: Array) -> Array:
+  return x_BTD * (1 + per_position(scale)) + per_position(shift)
 
 
 class AdaLNZeroBlock(nnx.Module):
@@ -46,14 +58,15 @@ class AdaLNZeroBlock(nnx.Module):
                                    use_bias=True, kernel_init=layers.zeros_init,
                                    rngs=rngs)
 
-  def __call__(self, x_BTD: Array, cond_BD: Array, positions_T: Array) -> Array:
+  def __call__(self, x_BTD: Array, cond: Array, positions_T: Array) -> Array:
+    """`cond` [B, D] or [B, T, D] (see `per_position`)."""
     (attn_shift, attn_scale, attn_gate,
      mlp_shift, mlp_scale, mlp_gate) = jnp.split(
-         self.modulation(jax.nn.silu(cond_BD)), 6, axis=-1)
+         self.modulation(jax.nn.silu(cond)), 6, axis=-1)
     h_BTD = modulate(self.attn_norm(x_BTD), attn_shift, attn_scale)
-    x_BTD = x_BTD + attn_gate[:, None, :] * self.attn(h_BTD, positions_T)
+    x_BTD = x_BTD + per_position(attn_gate) * self.attn(h_BTD, positions_T)
     h_BTD = modulate(self.mlp_norm(x_BTD), mlp_shift, mlp_scale)
-    return x_BTD + mlp_gate[:, None, :] * self.mlp(h_BTD)
+    return x_BTD + per_position(mlp_gate) * self.mlp(h_BTD)
 
 
 class AdaLNFinalLayer(nnx.Module):
@@ -69,17 +82,18 @@ class AdaLNFinalLayer(nnx.Module):
     self.proj = layers.dense(D, out_features, ('embed', 'latent'), dtype=cfg.dtype,
                              use_bias=True, kernel_init=layers.zeros_init, rngs=rngs)
 
-  def __call__(self, x_BTD: Array, cond_BD: Array) -> Array:
-    shift_BD, scale_BD = jnp.split(self.modulation(jax.nn.silu(cond_BD)), 2, axis=-1)
-    return self.proj(modulate(self.norm(x_BTD), shift_BD, scale_BD))
+  def __call__(self, x_BTD: Array, cond: Array) -> Array:
+    shift, scale = jnp.split(self.modulation(jax.nn.silu(cond)), 2, axis=-1)
+    return self.proj(modulate(self.norm(x_BTD), shift, scale))
 
 
-def sinusoidal_embedding(t_B: Array, dim: int, max_period: float = 10_000.0) -> Array:
-  """DiT's frequency embedding of a scalar per example: [cos(t·f), sin(t·f)]."""
+def sinusoidal_embedding(t: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """DiT's frequency embedding of each scalar of t (any shape, e.g. [B] or [B, N]):
+  [cos(t·f), sin(t·f)] on a new last axis."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args_BF = t_B.astype(jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.cos(args_BF), jnp.sin(args_BF)], axis=-1)
+  args = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 class TimestepEmbedding(nnx.Module):
@@ -94,9 +108,9 @@ class TimestepEmbedding(nnx.Module):
     self.fc2 = layers.dense(hidden_size, hidden_size, ('embed', 'embed_out'),
                             dtype=dtype, use_bias=True, rngs=rngs)
 
-  def __call__(self, t_B: Array) -> Array:
-    features_BF = sinusoidal_embedding(self.time_scale * t_B, self.freq_dim)
-    return self.fc2(jax.nn.silu(self.fc1(features_BF)))
+  def __call__(self, t: Array) -> Array:
+    features = sinusoidal_embedding(self.time_scale * t, self.freq_dim)
+    return self.fc2(jax.nn.silu(self.fc1(features)))
 
 
 # ------------------------------------------------------------------- the model
@@ -115,11 +129,12 @@ class DiTConfig:
   time_freq_dim: int = 256
   standardize: bool = False  # keep per-dimension latent statistics (flow.py)
   self_condition: bool = False  # read the previous x1 estimate too
+  causal: bool = False  # chunkwise: chunk n reads clean chunks < n (module docstring)
   dtype: Any = jnp.float32
 
   @property
   def transformer(self) -> layers.TransformerConfig:
-    return layers.stack_config(self, self.num_layers, False)
+    return layers.stack_config(self, self.num_layers, self.causal)
 
   @classmethod
   def from_config(cls, config) -> 'DiTConfig':
@@ -128,6 +143,7 @@ class DiTConfig:
     return cls(latent_dim=config.vae.latent_dim,
                standardize=config.flow.standardize,
                self_condition=config.flow.self_condition,
+               causal=config.flow.order == 'chunkwise',
                dtype=jnp.dtype(config.compute_dtype), **kwargs)
 
 
@@ -151,6 +167,11 @@ class LatentFlowTransformer(nnx.Module):
     if cfg.self_condition:  # zero at init: the model starts as one that ignores it
       self.prev_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
                                     kernel_init=layers.zeros_init, rngs=rngs)
+    if cfg.causal:  # the clean chunk before each chunk; a learned one before the first
+      self.context_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
+                                       rngs=rngs)
+      self.start = nnx.Param(layers.partitioned(layers.zeros_init, 'embed')(
+          rngs.params(), (D,), jnp.float32))
     if cfg.standardize:  # set from data when stage 2 starts (stages/flow.py)
       self.latent_mean = LatentStat(jnp.zeros((Z,), jnp.float32))
       self.latent_std = LatentStat(jnp.ones((Z,), jnp.float32))
@@ -171,20 +192,30 @@ class LatentFlowTransformer(nnx.Module):
                                                          self.latent_std))
     return x_BNZ * std + mean
 
-  def body(self, h_BND: Array, cond_BD: Array) -> Array:
+  def body(self, h_BND: Array, cond: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])
     for block in self.blocks:
-      h_BND = layers.constrain_batch(block(layers.constrain_batch(h_BND), cond_BD,
+      h_BND = layers.constrain_batch(block(layers.constrain_batch(h_BND), cond,
                                            positions_N))
     return h_BND
 
-  def __call__(self, x_t_BNZ: Array, t_B: Array, x1_prev_BNZ: Array | None = None
-               ) -> Array:
-    """Predicts x1 [B, N, Z] (fp32) from x_t [B, N, Z] and t [B]; a self-conditioning
-    model also reads its previous estimate x1_prev (zeros: none yet)."""
-    cond_BD = self.time_embed(t_B)
+  def __call__(self, x_t_BNZ: Array, t: Array, x1_prev_BNZ: Array | None = None,
+               clean_BNZ: Array | None = None) -> Array:
+    """Predicts x1 [B, N, Z] (fp32) from x_t [B, N, Z] and t ([B], or [B, N] for a
+    chunkwise model); a self-conditioning model also reads its previous estimate
+    x1_prev (zeros: none yet). A chunkwise (`causal`) model reads the clean latents
+    `clean_BNZ` too, chunk n those of chunks < n only (what follows is never seen)."""
+    cond = self.time_embed(t)
     h_BND = self.input_proj(x_t_BNZ)
     if self.cfg.self_condition and x1_prev_BNZ is not None:
       h_BND = h_BND + self.prev_proj(x1_prev_BNZ)
-    h_BND = self.body(h_BND, cond_BD)
-    return self.final_layer(h_BND, cond_BD).astype(jnp.float32)
+    if self.cfg.causal:
+      if clean_BNZ is None:
+        raise ValueError('a chunkwise flow model reads the clean latents before each'
+                         ' chunk: pass clean_BNZ (flow.chunkwise_sample does).')
+      before_BND = self.context_proj(clean_BNZ[:, :-1])
+      start_B1D = jnp.broadcast_to(self.start[...].astype(before_BND.dtype),
+                                   (h_BND.shape[0], 1, h_BND.shape[-1]))
+      h_BND = h_BND + jnp.concatenate([start_B1D, before_BND], axis=1)
+    h_BND = self.body(h_BND, cond)
+    return self.final_layer(h_BND, cond).astype(jnp.float32)

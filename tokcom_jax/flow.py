@@ -14,6 +14,12 @@ same to the sampler's grid. They are separate because the best grid depends on t
 noise scale: with the exact predictor of Gaussian data, a 50-step uniform grid keeps
 95% of the data's variance at noise_std = 1 but 81% at v5.2's noise (0.05 against
 latents of std 0.6), where a grid shifted by 12 keeps 95% (tests/test_flow.py).
+
+`order` says how a sequence's latents are generated. 'parallel' (v5.2): all chunks
+at once, one time t per sequence, one ODE over the whole [N, Z]. 'chunkwise': one
+chunk after another, each from the clean chunks before it (a causal model, dit.py);
+training draws a time per chunk and learns every chunk's conditional at once, the
+sampler runs `steps` Euler steps per chunk (`chunkwise_sample`).
 """
 
 from __future__ import annotations
@@ -44,14 +50,16 @@ class FlowConfig:
   mse_weight: float = 1.0
   standardize: bool = False  # flow on per-dimension standardized latents
   self_condition: bool = False  # the previous x1 estimate as an extra input
+  order: str = 'parallel'  # or 'chunkwise' (module docstring)
 
   @classmethod
   def from_config(cls, config) -> 'FlowConfig':
     return cls(**config.flow.to_dict())
 
 
-def _per_example(t_B: Array, like: Array) -> Array:
-  return t_B.reshape(t_B.shape + (1,) * (like.ndim - t_B.ndim))
+def _per_example(t: Array, like: Array) -> Array:
+  """t [B] (one per example) or [B, N] (one per chunk) broadcastable to `like`."""
+  return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
 def interpolate(x0: Array, x1: Array, t_B: Array) -> Array:
@@ -102,7 +110,9 @@ def loss_fn(x1_pred_BNZ: Array, x1_BNZ: Array, tokens_BL: Array, mask_BL: Array,
   its activations into x1_pred, never into its parameters. `ce_mask_B` keeps the CE
   term to some examples (the CE and accuracy metrics are then over those only).
   """
-  mask = mask_BL if ce_mask_B is None else mask_BL * ce_mask_B[:, None]
+  if ce_mask_B is not None and ce_mask_B.ndim == 2:  # per chunk: per token
+    ce_mask_B = jnp.repeat(ce_mask_B, tokens_BL.shape[1] // x1_BNZ.shape[1], axis=1)
+  mask = mask_BL if ce_mask_B is None else mask_BL * _per_example(ce_mask_B, mask_BL)
   # With no CE weight the decoder runs for the metrics only: no backward through it.
   decoded = x1_pred_BNZ if ce_weight else jax.lax.stop_gradient(x1_pred_BNZ)
   metrics = vae_lib.reconstruction_metrics(
@@ -121,24 +131,33 @@ def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: A
   from `rng` (or `t_B` for evaluation at fixed times, where the CE term is always
   computed); with self-conditioning, half the examples see the model's own
   (stop-gradient) estimate of x1 as an extra input, the rest zeros.
+
+  A chunkwise model gets a time per chunk (every chunk at `t_B` when given) and
+  the clean latents, from which it reads those before each chunk.
   """
   mean_BNZ, _ = vae_model.encode(tokens_BL)
   x1_BNZ = model.to_flow(jax.lax.stop_gradient(mean_BNZ))
+  B, N, _ = x1_BNZ.shape
+  chunkwise = cfg.order == 'chunkwise'
   noise_rng, t_rng, sc_rng = jax.random.split(rng, 3)
   x0_BNZ = sample_noise(noise_rng, x1_BNZ.shape, cfg.noise_std)
   ce_mask_B, sampled_t = None, t_B is None
   if sampled_t:
-    t_B = sample_t(t_rng, x1_BNZ.shape[0], cfg.t_schedule, cfg.t_mean, cfg.t_std,
-                   cfg.t_shift)
+    t_B = sample_t(t_rng, B * N if chunkwise else B, cfg.t_schedule, cfg.t_mean,
+                   cfg.t_std, cfg.t_shift)
+    t_B = t_B.reshape(B, N) if chunkwise else t_B
     if cfg.ce_min_t > 0:
       ce_mask_B = (t_B >= cfg.ce_min_t).astype(jnp.float32)
+  elif chunkwise:
+    t_B = jnp.broadcast_to(t_B[:, None], (B, N))
+  clean = dict(clean_BNZ=x1_BNZ) if chunkwise else {}
   x_t_BNZ = interpolate(x0_BNZ, x1_BNZ, t_B)
   x1_prev_BNZ = jnp.zeros_like(x_t_BNZ)
   if cfg.self_condition:
-    estimate = jax.lax.stop_gradient(model(x_t_BNZ, t_B, x1_prev_BNZ))
-    use_B = jax.random.bernoulli(sc_rng, 0.5, t_B.shape)
+    estimate = jax.lax.stop_gradient(model(x_t_BNZ, t_B, x1_prev_BNZ, **clean))
+    use_B = jax.random.bernoulli(sc_rng, 0.5, (B,))
     x1_prev_BNZ = jnp.where(_per_example(use_B, estimate), estimate, 0.0)
-  x1_pred_BNZ = model(x_t_BNZ, t_B, x1_prev_BNZ)
+  x1_pred_BNZ = model(x_t_BNZ, t_B, x1_prev_BNZ, **clean)
   if ce_mask_B is None and sampled_t and not cfg.ce_weight:
     # Plain flow matching: no frozen-decoder pass in the training step at all (the
     # CE is still measured at evaluation, where t is given).
@@ -191,3 +210,59 @@ def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
   x_BNZ, _ = jax.lax.fori_loop(0, steps, step,
                                (hold(x0_BNZ, 0.0), jnp.zeros_like(x0_BNZ)))
   return x_BNZ
+
+
+def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float = 1.0,
+                     known_mask_BN: Array | None = None,
+                     known_BNZ: Array | None = None,
+                     refine: Callable[[Array], Array] | None = None) -> Array:
+  """Generates a chunkwise (causal) model's latents one chunk after another: chunk n
+  by `steps` Euler steps from its noise x0[:, n] (the grid and step of
+  `euler_sample`), the model reading the finished chunks < n as clean latents
+  (t = 1) and its own estimate of chunk n as the previous x1.
+
+  Held chunks (`known_mask_BN`) are taken as given, without steps; `refine` maps
+  each prediction of x1 (guidance toward a condition), as in `euler_sample`.
+  """
+  B, N, Z = x0_BNZ.shape
+  steps = jnp.asarray(steps, jnp.int32)
+  held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
+             else jnp.asarray(known_mask_BN, bool))
+  known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
+  chunk_N = jnp.arange(N)
+
+  def one_chunk(n, clean_BNZ):
+    at_N1 = (chunk_N == n)[:, None]
+    # Finished chunks at t = 1, this one at t, later ones (never read) at 0.
+    time_BN = lambda t: jnp.broadcast_to(
+        jnp.where(chunk_N < n, 1.0, jnp.where(chunk_N == n, t, 0.0)), (B, N))
+
+    def step(i, carry):
+      x_BZ, x1_prev_BZ = carry
+      t, t_next = grid_time(i, steps, shift), grid_time(i + 1, steps, shift)
+      x1_BNZ = model(jnp.where(at_N1, x_BZ[:, None], clean_BNZ), time_BN(t),
+                     jnp.where(at_N1, x1_prev_BZ[:, None], clean_BNZ), clean_BNZ)
+      if refine is not None:
+        x1_BNZ = refine(x1_BNZ)
+      x1_pred_BZ = jax.lax.dynamic_index_in_dim(x1_BNZ, n, 1, keepdims=False)
+      r = (t_next - t) / (1.0 - t)
+      return (1.0 - r) * x_BZ + r * x1_pred_BZ, x1_pred_BZ
+
+    held_B = jax.lax.dynamic_index_in_dim(held_BN, n, 1, keepdims=False)
+    x0_BZ = jax.lax.dynamic_index_in_dim(x0_BNZ, n, 1, keepdims=False)
+    todo = jnp.where(jnp.all(held_B), 0, steps)  # a chunk every row holds: no steps
+    x_BZ, _ = jax.lax.fori_loop(0, todo, step, (x0_BZ, jnp.zeros_like(x0_BZ)))
+    known_BZ = jax.lax.dynamic_index_in_dim(known_BNZ, n, 1, keepdims=False)
+    x_BZ = jnp.where(held_B[:, None], known_BZ, x_BZ)
+    return jax.lax.dynamic_update_index_in_dim(clean_BNZ, x_BZ, n, 1)
+
+  return jax.lax.fori_loop(0, N, one_chunk, jnp.zeros_like(x0_BNZ))
+
+
+def generate(model, x0_BNZ: Array, steps: int | Array, cfg: FlowConfig, **kwargs
+             ) -> Array:
+  """Latents (in the flow's units) from noise x0, in the order of `cfg.order`;
+  keyword arguments as `euler_sample`'s (held chunks, `refine`)."""
+  if cfg.order == 'chunkwise':
+    return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
+  return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)

@@ -156,6 +156,7 @@ CONFIG: dict[str, Rule] = {
     'flow.mse_weight': NON_NEGATIVE,
     'flow.standardize': BOOL,
     'flow.self_condition': BOOL,
+    'flow.order': one_of('parallel', 'chunkwise'),
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
     **_section('ar', _TRANSFORMER),
     'ar.num_layers': POSITIVE_INT,

@@ -55,6 +55,7 @@ class TokCom:
     # Partial chunks are filled with EOS: training windows hold EOS between
     # documents but never a pad token, so EOS is what the encoder knows.
     self.fill_id = tokenizer.eos_token_id
+    self._flow_cfg = flow.FlowConfig.from_config(config)
 
   # ----- jitted pieces (cached per static argument and input shape)
 
@@ -72,9 +73,8 @@ class TokCom:
   def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
     """Noise (in the flow's units) → VAE latents; `known_BNZ` are VAE latents."""
     model = nnx.merge(self.dit_graphdef, dit_params)
-    x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
-                          known_mask_BN=known_mask_BN,
-                          known_BNZ=model.to_flow(known_BNZ))
+    x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
+                      known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ))
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
@@ -106,9 +106,9 @@ class TokCom:
         x1_BNZ = x1_BNZ - PREFIX_GUIDANCE_STEP * size * g / norm
       return x1_BNZ
 
-    x = flow.euler_sample(model, x0_BNZ, steps, shift=self.config.flow.sample_shift,
-                          known_mask_BN=known_mask_BN,
-                          known_BNZ=model.to_flow(known_BNZ), refine=refine)
+    x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
+                      known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
+                      refine=refine)
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
