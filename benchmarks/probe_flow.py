@@ -42,6 +42,9 @@ def main():
   args = parser.parse_args()
   model = sampling.load(args.workdir)
   c = model.config
+  if c.flow.order != 'parallel':
+    parser.error(f'{args.workdir} generates chunk by chunk (flow.order={c.flow.order});'
+                 ' this probe follows one ODE over the whole sequence: give a parallel run.')
   stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
                                   c.data.cache_dir or None)
   windows = data.Windows(stream, c.max_length)
