@@ -129,3 +129,20 @@ def test_process_rows_on_one_device():
   assert sharding.process_rows(8, mesh) == slice(0, 8)
   with pytest.raises(ConfigError, match=f'mesh {n + 1}x1 .* the {n} devices'):
     sharding.make_mesh(n + 1, 1)
+
+
+@pytest.mark.parametrize('modifiers, backend, named', [
+    ('', 'cpu', ['compute_dtype=bfloat16']),  # v5.2 computes in bfloat16
+    ('compute_dtype=float32,mesh.fsdp=4', 'cpu', ['mesh.fsdp=4']),
+    ('', 'gpu', None),
+    ('compute_dtype=float32', 'cpu', None),
+])
+def test_a_config_for_an_accelerator_on_the_cpu_gets_one_line(modifiers, backend, named):
+  from configs import v52
+  config = v52.get_config(','.join(p for p in ('vae', modifiers) if p))
+  warning = sharding.cpu_only_warning(config, backend)
+  if named is None:
+    assert warning is None
+  else:
+    assert '\n' not in warning and all(n in warning for n in named), warning
+    assert 'pip install -e .[cuda12]' in warning

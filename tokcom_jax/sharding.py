@@ -57,6 +57,21 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def cpu_only_warning(config, backend: str | None = None) -> str | None:
+  """One line when `config` is made for an accelerator (bfloat16 compute, or a mesh
+  of more than one device) and JAX found only the CPU (a CPU-only `jax` install,
+  typically); None otherwise."""
+  backend = backend or jax.default_backend()
+  asks = [f'compute_dtype={config.compute_dtype}'] if config.compute_dtype == 'bfloat16' else []
+  asks += [f'mesh.{axis}={config.mesh[axis]}' for axis in ('data', 'fsdp')
+           if config.mesh[axis] > 1]
+  if backend != 'cpu' or not asks:
+    return None
+  return (f'this config asks for an accelerator ({", ".join(asks)}) but JAX found only'
+          ' the CPU: on a GPU install `pip install -e .[cuda12]`, on a TPU VM'
+          ' `pip install -e .[tpu]`; on a CPU use configs/tiny.py.')
+
+
 def under_mesh(fn, mesh):
   """fn, traced with `mesh` as the abstract mesh, so that the model's activation
   constraints (`layers.constrain_batch`) apply."""
