@@ -46,6 +46,9 @@ _TEMPERATURE = flags.DEFINE_float('temperature', None, 'Token sampling temperatu
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Keep the k most likely tokens (0: all; at'
                               ' most the vocabulary).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass, in (0, 1] (1: all).')
+_NOISE_SCALE = flags.DEFINE_float('noise_scale', None, 'TokCom: the starting noise'
+                                  ' × this, > 0 (< 1: less diverse, nearer the data;'
+                                  ' default: the run\'s sample.noise_scale).')
 
 SEPARATOR = '\n' + '─' * 60 + '\n'
 
@@ -120,7 +123,7 @@ def main(argv):
     else:
       texts = model.generate(_NUM_SAMPLES.value, _NUM_CHUNKS.value, _STEPS.value,
                              prompt=_PROMPT.value, batch_size=_BATCH_SIZE.value,
-                             **sampling)
+                             noise_scale=_NOISE_SCALE.value, **sampling)
     print(SEPARATOR.join(texts))
     if out:
       files.write_text(out, ''.join(json.dumps({'sample': i, 'text': t}) + '\n'

@@ -79,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
       diffusion=dict(epochs=10, num_steps=0, lr=3e-5),
       ar=dict(epochs=10, num_steps=0, lr=1e-4)))
 
-  c.sample = ml_collections.ConfigDict(dict(steps=50, num_samples=2, sample_every=1))
+  # noise_scale: the sampler starts from noise of noise_scale × flow.noise_std (< 1:
+  # samples nearer the modes, less diverse; a latent temperature).
+  c.sample = ml_collections.ConfigDict(dict(steps=50, num_samples=2, sample_every=1,
+                                            noise_scale=1.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.wandb = ml_collections.ConfigDict(dict(project='TokCom-v5.2', mode='disabled'))
   return c

@@ -96,13 +96,14 @@ def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
 
 
 def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,
-                       batch_size: int, seed: int = 0) -> tuple[dict, list[str]]:
+                       batch_size: int, seed: int = 0, noise_scale=None
+                       ) -> tuple[dict, list[str]]:
   """Statistics of `num_samples` generated windows against as many real ones."""
   for B in {min(batch_size, num_samples), num_samples % batch_size} - {0}:
     model.sample(B, steps=steps, seed=seed)  # compile every batch shape untimed
   start = time.perf_counter()
   latents, tokens = model.sample(num_samples, steps=steps, seed=seed,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, noise_scale=noise_scale)
   seconds = (time.perf_counter() - start) / num_samples
   real = real_BL[:num_samples]
   Z = latents.shape[-1]
@@ -177,25 +178,28 @@ def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None,
 
 def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
              num_windows: int = 256, batch_size: int = 32, seed: int = 0,
-             reference: str | None = None, vae_workdir: str | None = None) -> dict:
+             reference: str | None = None, vae_workdir: str | None = None,
+             noise_scale: float | None = None) -> dict:
   """All metrics of a run; writes eval.json and plots into `workdir` (holding its
   lock), or only returns them when `workdir` cannot be written.
 
   `reference`: the `ar` run that scores generation quality (default: the newest
   `ar` run beside `workdir`, or `workdir` itself when it is one). `vae_workdir`:
-  where a stage-2 run's VAE is, when not where the run recorded it."""
+  where a stage-2 run's VAE is, when not where the run recorded it. `noise_scale`:
+  the sampler's (default: the run's `sample.noise_scale`)."""
   if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
     raise SamplingError('--steps, --num_samples, --num_windows and --batch_size must'
                         ' be positive.')
   with workdir_lock.hold(workdir, 'evaluation', create=False, required=False):
     result, samples, plots = _measure(workdir, num_samples, steps, num_windows,
-                                      batch_size, seed, reference, vae_workdir)
+                                      batch_size, seed, reference, vae_workdir,
+                                      noise_scale)
     _write(workdir, result, samples, plots)
   return result
 
 
 def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, reference,
-             vae_workdir) -> tuple[dict, list[str], dict[str, str]]:
+             vae_workdir, noise_scale=None) -> tuple[dict, list[str], dict[str, str]]:
   """(metrics, generated texts, {stage: run} whose loss curves to plot)."""
   from tokcom_jax import data, quality, sampling
   model = sampling.load(workdir, vae_workdir)
@@ -223,9 +227,10 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
     plots = [('vae', model.vae_workdir)]
   if not is_ar and model.dit_params is not None:
     result.update(flow_metrics(model, real, batch_size, seed))
+    scale = c.sample.noise_scale if noise_scale is None else noise_scale
     gen, samples = generation_metrics(model, real, num_samples, steps, batch_size,
-                                      seed)
-    result.update(num_samples=num_samples, steps=steps, **gen)
+                                      seed, scale)
+    result.update(num_samples=num_samples, steps=steps, noise_scale=scale, **gen)
     texts['tokcom'] = samples
     plots.append(('diffusion', workdir))
   reference = reference or quality.find_reference(workdir)
@@ -287,7 +292,7 @@ def main(argv):
   F = flags.FLAGS
   flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.EVALUATE_FLAGS)
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
-                    F.seed, F.reference, F.vae_workdir)
+                    F.seed, F.reference, F.vae_workdir, F.noise_scale)
   print(json.dumps(result, indent=2))
 
 
@@ -304,6 +309,8 @@ def _define_flags():
   flags.DEFINE_integer('num_windows', 256, 'Held-out windows to evaluate on.')
   flags.DEFINE_integer('batch_size', 32, 'Windows or samples per batch.')
   flags.DEFINE_integer('seed', 0, 'Random seed (noise, t, sampling).')
+  flags.DEFINE_float('noise_scale', None, 'The sampler\'s starting noise × this'
+                     ' (default: the run\'s sample.noise_scale).')
 
 
 if __name__ == '__main__':

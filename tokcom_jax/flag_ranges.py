@@ -16,8 +16,8 @@ import os
 from typing import Any
 
 from tokcom_jax.errors import ConfigError, SamplingError
-from tokcom_jax.ranges import (ANY, COUNT, NON_NEGATIVE, POSITIVE_INT, PROBABILITY, Rule,
-                               directory_problem, is_remote, rule)
+from tokcom_jax.ranges import (ANY, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
+                               PROBABILITY, Rule, directory_problem, is_remote, rule)
 
 
 def _run(path: str) -> str | None:
@@ -88,6 +88,7 @@ SAMPLE_FLAGS = {
     'temperature': NON_NEGATIVE,  # 0: argmax
     'top_k': COUNT,  # 0: every token; at most the run's vocabulary
     'top_p': PROBABILITY,
+    'noise_scale': POSITIVE,
     'vae_workdir': RUN_DIR,  # where stage 1 is, when not where the run recorded it
 }
 EVALUATE_FLAGS = {
@@ -98,6 +99,7 @@ EVALUATE_FLAGS = {
     'num_windows': POSITIVE_INT,
     'batch_size': POSITIVE_INT,
     'seed': COUNT,
+    'noise_scale': POSITIVE,
     'vae_workdir': RUN_DIR,
 }
 RESILIENCE_FLAGS = {'kills': COUNT, 'seed': COUNT,

@@ -157,6 +157,7 @@ CONFIG: dict[str, Rule] = {
     'flow.standardize': BOOL,
     'flow.self_condition': BOOL,
     'flow.order': one_of('parallel', 'chunkwise'),
+    'sample.noise_scale': POSITIVE,
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
     **_section('ar', _TRANSFORMER),
     'ar.num_layers': POSITIVE_INT,

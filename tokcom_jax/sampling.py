@@ -157,7 +157,8 @@ class TokCom:
   def sample(self, num_samples: int = 1, num_chunks: int | None = None,
              steps: int = 50, seed: int = 0, prompt: str | None = None,
              batch_size: int | None = None, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+             top_k: int = 0, top_p: float = 1.0, noise_scale: float | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Like `generate`, but returns arrays: latents [S, N, Z] and tokens [S, N·K].
 
     With a prompt, its whole chunks are held (their latents ride their own path to
@@ -172,6 +173,9 @@ class TokCom:
                           ' the number the model was trained on.')
     if steps < 1:
       raise SamplingError(f'steps must be a positive number, got {steps}.')
+    noise_scale = self.config.sample.noise_scale if noise_scale is None else noise_scale
+    if not noise_scale > 0:
+      raise SamplingError(f'noise_scale must be positive, got {noise_scale}.')
     check_counts(num_samples, batch_size)
     K, Z = self.chunk_size, self.latent_dim
     known_mask = np.zeros((N,), bool)
@@ -196,7 +200,7 @@ class TokCom:
     for first in range(0, num_samples, batch_size):
       B = min(batch_size, num_samples - first)
       key = jax.random.fold_in(jax.random.key(seed), first)
-      x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std)
+      x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std * noise_scale)
       args = (jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)))
       if rest:
         z = self._sample_latents_with_prefix(
@@ -215,11 +219,14 @@ class TokCom:
   def generate(self, num_samples: int = 1, num_chunks: int | None = None,
                steps: int = 50, seed: int = 0, prompt: str | None = None,
                batch_size: int | None = None, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0) -> list[str]:
+               top_k: int = 0, top_p: float = 1.0, noise_scale: float | None = None
+               ) -> list[str]:
     """Samples texts from noise; with `prompt`, its chunks are held fixed and the
-    prompt is returned unchanged as the start of each text."""
+    prompt is returned unchanged as the start of each text. `noise_scale` (default:
+    the run's `sample.noise_scale`) scales the starting noise: < 1 trades diversity
+    for samples nearer the data's modes."""
     _, tokens = self.sample(num_samples, num_chunks, steps, seed, prompt, batch_size,
-                            temperature, top_k, top_p)
+                            temperature, top_k, top_p, noise_scale)
     if not prompt:
       return [self._text(row) for row in tokens]
     skip = len(self._tokens(prompt))

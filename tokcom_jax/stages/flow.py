@@ -58,8 +58,8 @@ class FlowStage(Stage):
     """As many generations as there are windows (their values are not used)."""
     c = self.config
     shape = (tokens_BL.shape[0], c.max_length // c.chunk_size, c.vae.latent_dim)
-    x = flow.generate(model, flow.sample_noise(key, shape, c.flow.noise_std),
-                      c.sample.steps, self.flow)
+    noise = flow.sample_noise(key, shape, c.flow.noise_std * c.sample.noise_scale)
+    x = flow.generate(model, noise, c.sample.steps, self.flow)
     return jnp.argmax(frozen['vae'].decode(model.to_latent(x)), axis=-1)
 
   def prepare(self, params, frozen_graphdefs, frozen, batches):
