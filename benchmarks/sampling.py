@@ -1,9 +1,11 @@
-"""Sampling throughput: 50 Euler steps over all latents at once, against
-autoregressive decoding with a KV cache by a causal transformer of the same width
-and depth (Hugging Face `transformers` Qwen2, PyTorch `generate`).
+"""Sampling throughput: 50 Euler steps over all latents at once (or per chunk, for a
+config with flow.order=chunkwise: the tiny default), against autoregressive decoding
+with a KV cache by a causal transformer of the same width and depth (Hugging Face
+`transformers` Qwen2, PyTorch `generate`; or this package's `ar` stage).
 
     python benchmarks/sampling.py --quick                 # CPU, under 2 minutes
     python benchmarks/sampling.py --config v52 --tokens 1024 --batch_sizes 1,8
+    python benchmarks/sampling.py --quick --baseline jax  # against the ar stage, no torch
 
 One JSON line per (method, batch size): tokens/s; the TokCom line also gives the
 ratio to autoregressive decoding at that batch size.
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import flow, sampling, stages
+from tokcom_jax import flow, lm, sampling, stages
 
 
 def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
@@ -39,6 +41,21 @@ def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
                   ).block_until_ready()
   one()
   return common.timed(one, repeats)
+
+
+def jax_autoregressive_seconds(config, batch: int, tokens: int, repeats: int):
+  """The same for this package's `ar` stage at the flow model's size: one prefill,
+  then one token per step with a KV cache (`lm.generate`), greedy."""
+  config = config.copy_and_resolve_references()
+  config.ar.update({k: config.dit[k] for k in (
+      'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'intermediate_size')})
+  graphdef, params = nnx.split(stages.get(config, 'ar').build(nnx.Rngs(0)))
+  buffer = jnp.ones((batch, tokens + 1), jnp.int32)
+
+  def one():
+    lm.generate(graphdef, params, buffer, 1, jax.random.key(0)).block_until_ready()
+  one()
+  return common.timed(one, repeats), 'tokcom_jax ar stage, KV cache'
 
 
 def autoregressive_seconds(config, batch: int, tokens: int, repeats: int, dtype: str):
@@ -74,6 +91,8 @@ def main():
   p.add_argument('--batch_sizes', default='1,8')
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--dtype', default=None)
+  p.add_argument('--baseline', default='torch', choices=('torch', 'jax'),
+                 help='the autoregressive model: HF Qwen2 in PyTorch, or the ar stage')
   p.add_argument('--quick', action='store_true', help='CPU-sized: tiny, 256 tokens')
   args = p.parse_args()
   if args.quick:
@@ -85,11 +104,14 @@ def main():
   config.lock()
   for batch in map(int, args.batch_sizes.split(',')):
     tc = tokcom_seconds(config, batch, args.tokens, args.steps, args.repeats)
-    ar, backend = autoregressive_seconds(config, batch, args.tokens, args.repeats,
-                                         dtype)
+    if args.baseline == 'jax':
+      ar, backend = jax_autoregressive_seconds(config, batch, args.tokens, args.repeats)
+    else:
+      ar, backend = autoregressive_seconds(config, batch, args.tokens, args.repeats,
+                                           dtype)
     common.emit({'bench': 'sampling', 'config': args.config, 'dtype': dtype,
                  'batch': batch, 'tokens': args.tokens,
-                 'tokcom_steps': args.steps,
+                 'tokcom_steps': args.steps, 'tokcom_order': config.flow.order,
                  'tokcom_tokens_per_sec': batch * args.tokens / tc,
                  'autoregressive_tokens_per_sec': batch * args.tokens / ar,
                  'tokcom_over_autoregressive': ar / tc,

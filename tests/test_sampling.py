@@ -107,7 +107,7 @@ def test_token_choice():
 
 def test_noise_scale_scales_the_starting_noise(runs, monkeypatch):
   """The sampler starts from the run's noise × noise_scale (default: the run's
-  sample.noise_scale, 1), with the same draw: only the scale changes."""
+  sample.noise_scale), with the same draw: only the scale changes."""
   model = tokcom_jax.load(runs[1])
   starts = []
   inner = model._sample_latents
@@ -116,8 +116,9 @@ def test_noise_scale_scales_the_starting_noise(runs, monkeypatch):
                           params, x0, *a))
   model.sample(2, steps=2, seed=3)
   model.sample(2, steps=2, seed=3, noise_scale=0.25)
-  assert model.config.sample.noise_scale == 1.0
-  np.testing.assert_allclose(starts[1], 0.25 * starts[0], rtol=1e-6)
+  default = model.config.sample.noise_scale
+  assert default == 0.5  # configs/tiny.py
+  np.testing.assert_allclose(starts[1], 0.25 / default * starts[0], rtol=1e-6)
   assert float(np.abs(starts[0]).mean()) > 0
   with pytest.raises(sampling.SamplingError, match='noise_scale'):
     model.generate(1, noise_scale=0.0)

@@ -23,7 +23,8 @@ RECIPES = {
                   ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
                   self_condition=False, order='parallel'),
         vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
-                 normalize_latent=False, autoregressive_decoder=False)),
+                 normalize_latent=False, autoregressive_decoder=False),
+        sample=dict(noise_scale=1.0)),
 }
 
 
@@ -183,6 +184,7 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
       raise ConfigError(f'recipe={name!r}: use one of {sorted(RECIPES)}.')
     config.flow.update(RECIPES[name]['flow'])
     config.vae.update(RECIPES[name]['vae'])
+    config.sample.update(RECIPES[name]['sample'])
   apply_modifiers(config, modifiers)
   validate(config)
   config.lock()

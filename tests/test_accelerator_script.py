@@ -1,0 +1,39 @@
+"""benchmarks/accelerator.sh end to end in its reduced (--quick) mode on the CPU: the
+train-step and sampling benchmarks and a short training run, then the Markdown."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_accelerator_script_runs_end_to_end_on_the_cpu(tmp_path):
+  out = subprocess.run(
+      ['bash', 'benchmarks/accelerator.sh', '--quick'], cwd=REPO, capture_output=True,
+      text=True, timeout=900,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', ACCELERATOR_OUT=str(tmp_path),
+               # `python` is this interpreter, as after activating its environment
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']))
+  assert out.returncode == 0, out.stderr[-3000:]
+  train = [json.loads(l) for l in open(tmp_path / 'train.jsonl') if l.startswith('{')]
+  steps = [r for r in train if r['bench'] == 'train_step']
+  assert {r['stage'] for r in steps} == {'vae', 'diffusion'}
+  assert all(r['tokens_per_sec'] > 0 and 0 < r['mfu'] < 1 for r in steps), steps
+  sampled = [json.loads(l) for l in open(tmp_path / 'sampling.jsonl')]
+  assert sampled and all(r['tokcom_tokens_per_sec'] > 0 and
+                         r['autoregressive_tokens_per_sec'] > 0 for r in sampled)
+  # The Markdown: one table row per benchmark line, the smoke run's losses.
+  md = out.stdout[out.stdout.index('## Accelerator run'):]
+  rows = [l for l in md.splitlines() if l.startswith('| jax ')]
+  assert len(rows) == len(steps), md
+  smoke = [l for l in md.splitlines() if 'stage 1' in l]
+  assert len(smoke) == 1, md
+  first, last = float(smoke[0].split('|')[3]), float(smoke[0].split('|')[5])
+  assert first > 0 and last > 0, smoke
+  assert (tmp_path / 'smoke' / 'checkpoints').is_dir()
+  # An unknown argument: one line, exit 2.
+  bad = subprocess.run(['bash', 'benchmarks/accelerator.sh', '--fast'], cwd=REPO,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
