@@ -93,6 +93,8 @@ def main():
   p.add_argument('--dtype', default=None)
   p.add_argument('--baseline', default='torch', choices=('torch', 'jax'),
                  help='the autoregressive model: HF Qwen2 in PyTorch, or the ar stage')
+  p.add_argument('--order', default=None, choices=('parallel', 'chunkwise'),
+                 help="the flow's order (default: the config's)")
   p.add_argument('--quick', action='store_true', help='CPU-sized: tiny, 256 tokens')
   args = p.parse_args()
   if args.quick:
@@ -101,6 +103,7 @@ def main():
   config = common.get_config(args.config, 'diffusion', dtype)
   config.unlock()
   config.max_length = args.tokens  # positions are RoPE: any length works
+  config.flow.order = args.order or config.flow.order
   config.lock()
   for batch in map(int, args.batch_sizes.split(',')):
     tc = tokcom_seconds(config, batch, args.tokens, args.steps, args.repeats)
