@@ -47,8 +47,6 @@ def main(argv):
   from tokcom_jax import sharding, train_lib  # after flags: JAX reads its env first
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
-  if warning := sharding.cpu_only_warning(config):
-    logging.warning(warning)
   logging.info('workdir %s', workdir)
   train_lib.train(config, workdir)
 

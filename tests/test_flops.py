@@ -6,14 +6,15 @@ from configs import tiny
 from tokcom_jax import flops, stages
 
 
-def one_layer(**extra):
+def one_layer(*switches, **extra):
   mods = {'vocab_size': 384, 'max_length': 8, 'vae.hidden_size': 32,
           'vae.encoder_layers': 1, 'vae.decoder_layers': 1, 'vae.num_heads': 2,
           'vae.num_kv_heads': 1, 'vae.intermediate_size': 64, 'vae.latent_dim': 8,
           'dit.hidden_size': 32, 'dit.num_layers': 1, 'dit.num_heads': 2,
           'dit.num_kv_heads': 1, 'dit.intermediate_size': 64, 'dit.time_freq_dim': 32,
           **extra}
-  return tiny.get_config(','.join(['vae'] + [f'{k}={v}' for k, v in mods.items()]))
+  return tiny.get_config(','.join(['vae', *switches]
+                                  + [f'{k}={v}' for k, v in mods.items()]))
 
 
 def test_one_layer_hand_count():
@@ -31,18 +32,26 @@ def test_one_layer_hand_count():
   assert stages.get(config, 'vae').train_flops(2) == 3 * (encoder + decoder) == 3220224
   # Flow transformer: 2 × 2 latents, full attention 4·2²·32 per sequence, in/out
   # projections, and per sample the timestep MLP and two adaLN modulations.
-  dit = (4 * per_token + 2 * 512 + 4 * 2 * (8 * 32 + 32 * 8)
-         + 2 * (2 * (32 * 32 + 32 * 32) + 2 * 32 * 192 + 2 * 32 * 64))
-  assert flops.dit_forward(config, 2) == dit == 119808
-  assert stages.get(config, 'diffusion').train_flops(2) == (
+  condition = 2 * (32 * 32 + 32 * 32) + 2 * 32 * 192 + 2 * 32 * 64
+  dit = 4 * per_token + 2 * 512 + 4 * 2 * (8 * 32 + 32 * 8) + 2 * condition
+  v52_flow = one_layer(recipe='v52')  # parallel, no self-conditioning
+  assert flops.dit_forward(v52_flow, 2) == dit == 119808
+  assert stages.get(v52_flow, 'diffusion').train_flops(2) == (
       3 * dit + encoder + 2 * decoder)
+  # The tiny default: chunkwise (a condition per chunk, the clean-context
+  # projection) with self-conditioning (the estimate's projection, one more pass).
+  chunkwise = dit + 2 * condition + 2 * 4 * (2 * 8 * 32)
+  assert flops.dit_forward(config, 2) == chunkwise
+  assert stages.get(config, 'diffusion').train_flops(2) == (
+      4 * chunkwise + encoder + 2 * decoder)
 
 
-@pytest.mark.parametrize('stage', ['vae', 'diffusion'])
+@pytest.mark.parametrize('stage', ['vae', 'diffusion', 'diffusion,recipe=v52'])
 def test_count_agrees_with_xla(stage):
   """XLA's own count of the forward pass (bidirectional attention, which XLA
   computes whole) is the model count plus a little elementwise work."""
-  config = one_layer(**{'vae.hidden_size': 256, 'vae.intermediate_size': 768,
+  stage, *recipe = stage.split(',')
+  config = one_layer(*recipe, **{'vae.hidden_size': 256, 'vae.intermediate_size': 768,
                         'vae.num_heads': 4, 'vae.encoder_causal': False,
                         'vae.decoder_causal': False, 'dit.hidden_size': 256,
                         'dit.intermediate_size': 768, 'dit.num_heads': 4,
@@ -53,9 +62,10 @@ def test_count_agrees_with_xla(stage):
     args = (vae_model, jnp.zeros((2, 64), jnp.int32))
     ours = sum(flops.vae_forward(config, 2).values())
   else:
-    fn = lambda m, x, t: m(x, t)
+    chunkwise = config.flow.order == 'chunkwise'
+    fn = lambda m, x, t: m(x, t, jnp.ones_like(x), x if chunkwise else None)
     args = (stages.get(config, 'diffusion').build(nnx.Rngs(0)), jnp.zeros((2, 16, 8)),
-            jnp.zeros((2,)))
+            jnp.zeros((2, 16) if chunkwise else (2,)))
     ours = flops.dit_forward(config, 2)
   xla = nnx.jit(fn).lower(*args).compile().cost_analysis()['flops']
   assert ours <= xla < 1.15 * ours, (ours, xla)

@@ -141,10 +141,15 @@ def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=()) -> 
                             f' builds {tuple(x.shape)}')
 
 
-def _quiet_orbax_leftovers() -> None:
+_READ_DIRS: set[str] = set()  # checkpoint directories restores have read
+
+
+def _quiet_orbax_leftovers(directory) -> None:
   """Drops what the abandoned reads of a failed restore report later (see
-  _check_shapes): "Event loop is closed" and "Task exception was never retrieved"
-  from orbax's coroutines. Anything else is reported as before."""
+  _check_shapes): "Event loop is closed" and "... exception was never retrieved"
+  from orbax's coroutines or about files in `directory`. Anything else is reported
+  as before."""
+  _READ_DIRS.add(str(directory))
   previous = sys.unraisablehook
   if getattr(previous, 'tokcom_quiet', False):
     return
@@ -162,10 +167,14 @@ def _quiet_orbax_leftovers() -> None:
 
 def _from_orbax(record: logging.LogRecord) -> bool:
   """An asyncio report ("Task exception was never retrieved", "_GatheringFuture
-  exception was never retrieved", ...) of an error raised in orbax's reads."""
-  if 'exception was never retrieved' not in record.getMessage():
+  exception was never retrieved", ...) of an error raised in orbax's reads: its text
+  names orbax or a checkpoint directory being read (tensorstore's errors name the
+  file; set on a future from C++, they have no Python traceback), or its traceback
+  passes through orbax."""
+  message = record.getMessage()
+  if 'exception was never retrieved' not in message:
     return False
-  if 'orbax' in record.getMessage():
+  if 'orbax' in message or any(d in message for d in _READ_DIRS):
     return True
   error = record.exc_info[1] if record.exc_info else None
   while error is not None:
@@ -188,7 +197,8 @@ def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
   say), raises and moves nothing. Returns (None, None) when there are no steps.
   """
   steps = sorted(mngr.all_steps(), reverse=True) if steps is None else steps
-  _quiet_orbax_leftovers()  # before the first read: reports come from other threads
+  _quiet_orbax_leftovers(mngr.directory)  # before the first read: reports come from
+  # other threads
   damaged = []
   for step in steps:
     try:

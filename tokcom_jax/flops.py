@@ -75,13 +75,18 @@ def vae_forward(config, batch: int) -> dict[str, int]:
 
 
 def dit_forward(config, batch: int) -> int:
-  """Forward FLOPs of the latent flow transformer on [batch, N, Z] latents."""
+  """Forward FLOPs of the latent flow transformer on [batch, N, Z] latents, as
+  training calls it: with the previous estimate's projection (self-conditioning) and,
+  for a chunkwise model, the clean-context projection and a condition per chunk."""
   d, Z = config.dit, config.vae.latent_dim
   D, N = d.hidden_size, config.max_length // config.chunk_size
-  per_sample = (2 * (d.time_freq_dim * D + D * D)         # timestep MLP
-                + d.num_layers * 2 * D * 6 * D + 2 * D * 2 * D)  # adaLN modulations
-  return (_stack(d, d.num_layers, False).forward(batch, N)
-          + batch * N * 2 * (Z * D + D * Z) + batch * per_sample)
+  chunkwise = config.flow.order == 'chunkwise'
+  per_condition = (2 * (d.time_freq_dim * D + D * D)      # timestep MLP
+                   + d.num_layers * 2 * D * 6 * D + 2 * D * 2 * D)  # adaLN modulations
+  projections = 2 + config.flow.self_condition + chunkwise  # in, out, prev, context
+  return (_stack(d, d.num_layers, False).forward(batch, N)  # XLA computes whole
+          + batch * N * 2 * Z * D * projections             # attention, causal or not
+          + batch * (N if chunkwise else 1) * per_condition)
 
 
 def lm_forward(config, batch: int) -> int:

@@ -93,6 +93,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     return Trainer(config, workdir).run()
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str | None) -> None:
+  if message and message not in _WARNED and jax.process_index() == 0:
+    _WARNED.add(message)
+    logging.warning(message)
+
+
 def _with(config, **fields):
   config = ml_collections.ConfigDict(config.to_dict())
   config.update(fields)
@@ -122,6 +131,7 @@ class Trainer:
                                self.workdir / 'tokenizer')
     self.train_windows, self.val_windows = data.load_splits(
         config, self.tokenizer, self.batch_size)
+    _warn_once(sharding.cpu_only_warning(config))  # once the run can start
     self.steps_per_epoch = data.steps_per_epoch(self.train_windows.num_windows,
                                                 self.batch_size)
     sc = tc[stage.name]

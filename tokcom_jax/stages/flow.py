@@ -93,6 +93,8 @@ class FlowStage(Stage):
   def train_flops(self, batch):
     vae_forward = flops.vae_forward(self.config, batch)
     # The frozen encoder runs forward only; the frozen decoder forward and backward
-    # through its activations, without weight gradients.
-    return (3 * flops.dit_forward(self.config, batch) + vae_forward['encoder']
+    # through its activations, without weight gradients; self-conditioning adds a
+    # forward pass for the estimate.
+    passes = 3 + self.flow.self_condition
+    return (passes * flops.dit_forward(self.config, batch) + vae_forward['encoder']
             + 2 * vae_forward['decoder'])
