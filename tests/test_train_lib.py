@@ -246,3 +246,18 @@ def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tm
   assert latents.shape == (2, 8, config.vae.latent_dim) and tokens.shape == (2, 32)
   # Latents come back in the VAE's units: decoding them gives the same tokens.
   np.testing.assert_array_equal(model.decode_tokens(latents), tokens)
+
+
+def test_a_bfloat16_config_on_the_cpu_warns_once_when_the_run_starts(corpus, tmp_path,
+                                                                      caplog, monkeypatch):
+  """Both stages of `all`, one line (and none for a float32 config)."""
+  monkeypatch.setattr(train_lib, '_WARNED', set())
+  steps = {'train.vae.num_steps': 2, 'train.diffusion.num_steps': 2}
+  config = train_fixtures.micro_config(*corpus, stage='all', compute_dtype='bfloat16',
+                                       **steps)
+  with caplog.at_level('WARNING'):
+    train_lib.train(config, str(tmp_path / 'bf16'))
+    train_lib.Trainer(train_fixtures.micro_config(*corpus, **steps),
+                      str(tmp_path / 'fp32'))
+  found = [r.getMessage() for r in caplog.records if 'found only the CPU' in r.getMessage()]
+  assert len(found) == 1 and 'compute_dtype=bfloat16' in found[0], found
