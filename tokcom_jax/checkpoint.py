@@ -171,13 +171,12 @@ def _from_orbax(record: logging.LogRecord) -> bool:
   names orbax or a checkpoint directory being read (tensorstore's errors name the
   file; set on a future from C++, they have no Python traceback), or its traceback
   passes through orbax."""
-  message = record.getMessage()
-  if 'exception was never retrieved' not in message:
-    return False
+  message = record.getMessage()  # any asyncio report ("Exception in callback", …)
   if 'orbax' in message or any(d in message for d in _READ_DIRS):
     return True
-  error = record.exc_info[1] if record.exc_info else None
-  while error is not None:
+  error, seen = (record.exc_info[1] if record.exc_info else None), set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
     frame = error.__traceback__
     while frame is not None:
       if 'orbax' in frame.tb_frame.f_code.co_filename:
