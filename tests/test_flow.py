@@ -222,3 +222,16 @@ def test_generate_follows_the_configured_order():
   parallel = flow.generate(lambda x, t, prev: jnp.full_like(x, 7.0), x0, 4,
                            flow.FlowConfig())
   np.testing.assert_allclose(parallel[0, :, 0], 7.0)
+
+
+def test_chunkwise_refine_runs_only_while_its_chunks_are_generated():
+  calls = []
+  def refine(x1):
+    calls.append(None)
+    return x1 + 100.0  # would move every chunk if it ran
+  x0 = jnp.zeros((1, 3, 1))
+  with jax.disable_jit():
+    out = flow.chunkwise_sample(chained_oracle, x0, 2, refine=refine,
+                                refine_chunks_N=jnp.array([False, True, False]))
+  assert len(calls) == 2  # the two steps of chunk 1 only
+  np.testing.assert_allclose(out[0, :, 0], [1.0, 102.0, 103.0])

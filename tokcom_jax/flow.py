@@ -215,14 +215,17 @@ def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
 def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float = 1.0,
                      known_mask_BN: Array | None = None,
                      known_BNZ: Array | None = None,
-                     refine: Callable[[Array], Array] | None = None) -> Array:
+                     refine: Callable[[Array], Array] | None = None,
+                     refine_chunks_N: Array | None = None) -> Array:
   """Generates a chunkwise (causal) model's latents one chunk after another: chunk n
   by `steps` Euler steps from its noise x0[:, n] (the grid and step of
   `euler_sample`), the model reading the finished chunks < n as clean latents
   (t = 1) and its own estimate of chunk n as the previous x1.
 
   Held chunks (`known_mask_BN`) are taken as given, without steps; `refine` maps
-  each prediction of x1 (guidance toward a condition), as in `euler_sample`.
+  each prediction of x1 (guidance toward a condition), as in `euler_sample`, while
+  a chunk of `refine_chunks_N` (default: all) is generated: the steps of the others
+  keep only their own chunk's prediction, which a refine of other chunks leaves as is.
   """
   B, N, Z = x0_BNZ.shape
   steps = jnp.asarray(steps, jnp.int32)
@@ -243,7 +246,8 @@ def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float =
       x1_BNZ = model(jnp.where(at_N1, x_BZ[:, None], clean_BNZ), time_BN(t),
                      jnp.where(at_N1, x1_prev_BZ[:, None], clean_BNZ), clean_BNZ)
       if refine is not None:
-        x1_BNZ = refine(x1_BNZ)
+        x1_BNZ = (refine(x1_BNZ) if refine_chunks_N is None else jax.lax.cond(
+            refine_chunks_N[n], refine, lambda x: x, x1_BNZ))
       x1_pred_BZ = jax.lax.dynamic_index_in_dim(x1_BNZ, n, 1, keepdims=False)
       r = (t_next - t) / (1.0 - t)
       return (1.0 - r) * x_BZ + r * x1_pred_BZ, x1_pred_BZ
@@ -262,7 +266,9 @@ def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float =
 def generate(model, x0_BNZ: Array, steps: int | Array, cfg: FlowConfig, **kwargs
              ) -> Array:
   """Latents (in the flow's units) from noise x0, in the order of `cfg.order`;
-  keyword arguments as `euler_sample`'s (held chunks, `refine`)."""
+  keyword arguments as `euler_sample`'s (held chunks, `refine`), and
+  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it)."""
   if cfg.order == 'chunkwise':
     return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
+  kwargs.pop('refine_chunks_N', None)  # all chunks at once: every step refines
   return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)

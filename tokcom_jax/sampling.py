@@ -108,7 +108,7 @@ class TokCom:
 
     x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
                       known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
-                      refine=refine)
+                      refine=refine, refine_chunks_N=partial_BN1.max(axis=(0, 2)) > 0)
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
