@@ -7,8 +7,10 @@ with a KV cache by a causal transformer of the same width and depth (Hugging Fac
     python benchmarks/sampling.py --config v52 --tokens 1024 --batch_sizes 1,8
     python benchmarks/sampling.py --quick --baseline jax  # against the ar stage, no torch
 
-One JSON line per (method, batch size): tokens/s; the TokCom line also gives the
-ratio to autoregressive decoding at that batch size.
+One JSON line per batch size: tokens/s of both, their ratio, and what one step
+costs each: a pass of the flow model (over all N latents; 50 per sample in parallel
+order, 50 per chunk in chunkwise order; the decoder's cost spread over them) and one
+autoregressive token step (the prefill spread over the tokens).
 """
 
 from __future__ import annotations
@@ -96,15 +98,19 @@ def main():
   p.add_argument('--order', default=None, choices=('parallel', 'chunkwise'),
                  help="the flow's order (default: the config's)")
   p.add_argument('--quick', action='store_true', help='CPU-sized: tiny, 256 tokens')
+  p.add_argument('--set', default='', help='config modifiers, e.g. scan_layers=False')
   args = p.parse_args()
   if args.quick:
     args.config, args.tokens, args.repeats = 'tiny', 256, 1
   dtype = args.dtype or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
-  config = common.get_config(args.config, 'diffusion', dtype)
+  config = common.get_config(args.config, ','.join(filter(None, ['diffusion',
+                                                                  args.set])), dtype)
   config.unlock()
   config.max_length = args.tokens  # positions are RoPE: any length works
   config.flow.order = args.order or config.flow.order
   config.lock()
+  passes = args.steps * (args.tokens // config.chunk_size
+                          if config.flow.order == 'chunkwise' else 1)
   for batch in map(int, args.batch_sizes.split(',')):
     tc = tokcom_seconds(config, batch, args.tokens, args.steps, args.repeats)
     if args.baseline == 'jax':
@@ -118,6 +124,9 @@ def main():
                  'tokcom_tokens_per_sec': batch * args.tokens / tc,
                  'autoregressive_tokens_per_sec': batch * args.tokens / ar,
                  'tokcom_over_autoregressive': ar / tc,
+                 'ms_per_flow_pass': 1e3 * tc / passes,
+                 'ms_per_autoregressive_token_step': 1e3 * ar / args.tokens,
+                 'scan_layers': config.scan_layers,
                  'autoregressive': backend, 'device': common.device_name()})
 
 

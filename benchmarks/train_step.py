@@ -123,6 +123,8 @@ def main():
   p.add_argument('--batch_size', type=int, default=None)
   p.add_argument('--no_torch', action='store_true')
   p.add_argument('--quick', action='store_true', help='few steps, CPU-sized')
+  p.add_argument('--set', default='', help='config modifiers for every row, e.g.'
+                 ' scan_layers=False,remat=full')
   args = p.parse_args()
   if args.quick:
     args.steps, args.warmup = 3, 1
@@ -133,7 +135,8 @@ def main():
                'source': peak_source, 'device': common.device_name()})
   for name in args.configs.split(','):
     for stage in args.stages.split(','):
-      config = common.get_config(name, stage, dtype, args.batch_size)
+      config = common.get_config(name, ','.join(filter(None, [stage, args.set])),
+                                 dtype, args.batch_size)
       seconds = jax_step(config, stage, args.steps, args.warmup)
       tokens = flops.tokens_per_step(config)
       model_flops = stages.get(config, stage).train_flops(config.train.batch_size)
@@ -144,6 +147,7 @@ def main():
              'model_flops_per_step': model_flops,
              'flops_per_sec': model_flops / seconds,
              'mfu': model_flops / seconds / (peak * jax.device_count()),
+             'scan_layers': config.scan_layers, 'remat': config.remat,
              'device': common.device_name()}
       common.emit(row)
       if stage == 'vae' and not args.no_torch:

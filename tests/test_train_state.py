@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import tiny
 from tests import train_fixtures
-from tokcom_jax import layers, sharding, stages, steps, train_state
+from tokcom_jax import stacks, layers, sharding, stages, steps, train_state
 
 PEAK = 1e-3
 
@@ -81,9 +81,10 @@ def test_schedule_warmup_longer_than_the_run_still_reaches_the_peak():
 
 
 def micro_vae_params():
-  """The micro VAE's parameters (no data needed), every one nonzero: biases
-  initialise to 0, and decay of a 0 is invisible."""
+  """The micro VAE's parameters, layers in a Python loop (no data needed), every one
+  nonzero: biases initialise to 0, and decay of a 0 is invisible."""
   config = train_fixtures.micro_config('files:unused/*.txt', 'unused')
+  config.scan_layers = False
   model = nnx.eval_shape(lambda: stages.get(config).build(nnx.Rngs(0)))
   leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(nnx.state(model)))
   keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -129,6 +130,19 @@ def test_weight_decay_shrinks_matrices_and_leaves_vectors_bit_identical():
                                  err_msg=name)
       assert not np.array_equal(np.asarray(p), old), name
   assert (vectors, matrices) == (9, 20)  # scales, 1-D biases; kernels, embeddings
+
+
+def test_a_scanned_stack_decays_exactly_what_the_loop_decays():
+  """Stacked on a `layers` axis, norm scales are [L, D] and q/k/v biases [L, N, H]:
+  the extra axis must not make them decayed (nor change anything else)."""
+  params, new = decayed_micro_vae()
+  stacked = stacks.stack_layers(params)
+  assert np.asarray(stacked['encoder']['blocks']['attn_norm']['scale']).ndim == 2
+  new_stacked = one_update_with_zero_gradients(stacked)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(new),
+                          jax.tree.leaves(stacks.unstack_layers(new_stacked))):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
+                                  err_msg=jax.tree_util.keystr(path))
 
 
 def test_attention_biases_are_not_decayed():

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from tokcom_jax import stacks
 from tokcom_jax.errors import CheckpointError
 
 BEST_METRIC = 'eval/loss'
@@ -123,6 +124,12 @@ def _name(key) -> str:
   return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
 
 
+def _saved_tree(mngr: ocp.CheckpointManager, step: int):
+  """The saved state's tree of array metadata (shapes), read without the arrays."""
+  return ocp.StandardCheckpointHandler().metadata(
+      epath.Path(mngr.directory) / str(step) / 'state')
+
+
 def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=()) -> None:
   """Compares `target`'s shapes (under `prefix` of the saved state) with the
   checkpoint's metadata before anything is read. A restore onto other shapes fails
@@ -130,8 +137,7 @@ def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=()) -> 
   completions then find the restore's event loop closed, and each prints a
   traceback ("Event loop is closed") long after the error."""
   saved = {'/'.join(map(_name, path)): x.shape for path, x in
-           jax.tree_util.tree_flatten_with_path(ocp.StandardCheckpointHandler().metadata(
-               epath.Path(mngr.directory) / str(step) / 'state'))[0]}
+           jax.tree_util.tree_flatten_with_path(_saved_tree(mngr, step))[0]}
   names = ['/'.join(map(_name, prefix + tuple(path))) for path, _ in
            jax.tree_util.tree_flatten_with_path(target)[0]]
   for name, x in sorted(zip(names, jax.tree.leaves(target)),
@@ -276,10 +282,13 @@ def restore_params(workdir, abstract_params, step: int | None = None
   of `abstract_params` (ShapeDtypeStructs); the optimizer state is never read.
   A damaged best checkpoint falls back to the newest readable one."""
   mngr = _open(workdir)
-  item = {'params': abstract_params}
 
   def read(step):
-    _check_shapes(mngr, step, abstract_params, ('params',))
+    # A run saved with the other `scan_layers` restores in its layout, then converts.
+    saved, convert = stacks.as_saved(abstract_params, _saved_tree(mngr, step)[
+        'params'])
+    item = {'params': saved}
+    _check_shapes(mngr, step, saved, ('params',))
     restored = mngr.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore(),
         state=ocp.args.PyTreeRestore(
@@ -287,7 +296,7 @@ def restore_params(workdir, abstract_params, step: int | None = None
             partial_restore=True)))
     meta = restored['meta']
     _check(restored['state'], meta, step)
-    return restored['state']['params'], meta
+    return convert(restored['state']['params']), meta
 
   try:
     steps = [step] if step is not None else _steps_best_first(mngr)

@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.stage = 'vae'
   c.seed = 0
   c.compute_dtype = 'bfloat16'  # parameters and optimizer state stay fp32
+  # Every transformer stack: stacked layers under one lax.scan (compile time flat in
+  # depth), and what the backward pass recomputes ('none' / 'dots_saveable' / 'full').
+  c.scan_layers = True
+  c.remat = 'none'
 
   # Text.
   c.tokenizer = 'meta-llama/CodeLlama-7b-hf'
@@ -89,10 +93,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# Fields whose default differs from what the code did before they existed: a run
+# saved without the field is read with the old behaviour, so its checkpoints load.
+LEGACY_DEFAULTS = {'scan_layers': False}
+
+
 def from_dict(saved: dict) -> ml_collections.ConfigDict:
   """A run's saved config, on top of every field's default, locked: a run written
-  before a field existed reads it as its default (the recipe it was trained with)."""
+  before a field existed reads it as its default (the recipe it was trained with),
+  or as `LEGACY_DEFAULTS` says where the default changed since."""
   config = base_config()
+  for key, value in LEGACY_DEFAULTS.items():  # what a run saved before key existed had
+    if key not in saved:
+      config[key] = value
 
   def merge(node, values):
     for key, value in values.items():

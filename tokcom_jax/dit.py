@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import layers
+from tokcom_jax import layers, stacks
 
 Array = jax.Array
 
@@ -131,6 +131,8 @@ class DiTConfig:
   self_condition: bool = False  # read the previous x1 estimate too
   causal: bool = False  # chunkwise: chunk n reads clean chunks < n (module docstring)
   dtype: Any = jnp.float32
+  scan_layers: bool = False  # stacks.make_blocks
+  remat: str = 'none'
 
   @property
   def transformer(self) -> layers.TransformerConfig:
@@ -144,7 +146,7 @@ class DiTConfig:
                standardize=config.flow.standardize,
                self_condition=config.flow.self_condition,
                causal=config.flow.order == 'chunkwise',
-               dtype=jnp.dtype(config.compute_dtype), **kwargs)
+               **layers.stack_options(config), **kwargs)
 
 
 class LatentStat(nnx.Variable):
@@ -161,8 +163,8 @@ class LatentFlowTransformer(nnx.Module):
                                    use_bias=True, rngs=rngs)
     self.time_embed = TimestepEmbedding(
         D, freq_dim=cfg.time_freq_dim, dtype=cfg.dtype, rngs=rngs)
-    self.blocks = nnx.List(
-        [AdaLNZeroBlock(tcfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.blocks = stacks.make_blocks(lambda r: AdaLNZeroBlock(tcfg, rngs=r), tcfg,
+                                     rngs)
     self.final_layer = AdaLNFinalLayer(tcfg, Z, rngs=rngs)
     if cfg.self_condition:  # zero at init: the model starts as one that ignores it
       self.prev_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
@@ -194,10 +196,11 @@ class LatentFlowTransformer(nnx.Module):
 
   def body(self, h_BND: Array, cond: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])
-    for block in self.blocks:
-      h_BND = layers.constrain_batch(block(layers.constrain_batch(h_BND), cond,
-                                           positions_N))
-    return h_BND
+
+    def layer(block, h_BND, _):
+      return layers.constrain_batch(
+          block(layers.constrain_batch(h_BND), cond, positions_N)), None
+    return stacks.apply_blocks(self.blocks, self.cfg.transformer, layer, h_BND)[0]
 
   def __call__(self, x_t_BNZ: Array, t: Array, x1_prev_BNZ: Array | None = None,
                clean_BNZ: Array | None = None) -> Array:

@@ -8,9 +8,12 @@ Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`,
 them onto mesh axes. Eager sharding is off: placement is decided once, by the caller
 that jits the initialisation with explicit output shardings.
 
-KV cache (autoregressive decoding, `decode` methods): one dict per layer,
+Layer stacks are made and run by `tokcom_jax.stacks` (`scan_layers`, `remat`).
+
+KV cache (autoregressive decoding, `decode` methods): per layer
 `{'k': [B, S, K, H], 'v': [B, S, K, H]}` in the compute dtype, S the length of the
-whole token buffer. Slot s holds the RoPE-rotated key and the value of the token at
+whole token buffer; a list of those dicts, or with `scan_layers` one dict of
+[L, B, S, K, H] arrays. Slot s holds the RoPE-rotated key and the value of the token at
 absolute position s. A `decode` call takes T new tokens at absolute positions
 `index .. index+T-1` (T = S for a prefill from 0, T = 1 per step after), writes their
 k/v into those slots and lets query position p attend to slots s <= p. Slots past
@@ -25,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from tokcom_jax import stacks
 
 Array = jax.Array
 
@@ -70,8 +75,12 @@ class TransformerConfig:
   rms_eps: float = 1e-6
   causal: bool = False
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always fp32
+  scan_layers: bool = False  # stacked parameters, one lax.scan (module docstring)
+  remat: str = 'none'  # one of stacks.REMAT_POLICIES
 
   def __post_init__(self):
+    if self.remat not in stacks.REMAT_POLICIES:
+      raise ValueError(f'remat {self.remat!r} is not one of {stacks.REMAT_POLICIES}.')
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f'hidden_size {self.hidden_size} is not divisible by num_heads'
@@ -92,12 +101,21 @@ class TransformerConfig:
 
 def stack_config(model_config, num_layers: int, causal: bool) -> TransformerConfig:
   """The transformer stack of a model config that has the stack's fields (hidden
-  size, heads, MLP width, RoPE theta, eps, dtype)."""
+  size, heads, MLP width, RoPE theta, eps, dtype, scan_layers, remat)."""
   c = model_config
   return TransformerConfig(
       hidden_size=c.hidden_size, num_layers=num_layers, num_heads=c.num_heads,
       num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size,
-      rope_theta=c.rope_theta, rms_eps=c.rms_eps, causal=causal, dtype=c.dtype)
+      rope_theta=c.rope_theta, rms_eps=c.rms_eps, causal=causal, dtype=c.dtype,
+      scan_layers=c.scan_layers, remat=c.remat)
+
+
+def stack_options(config) -> dict:
+  """The fields every model config takes from the top level of a tokcom_jax
+  ConfigDict: compute dtype, scan_layers, remat (a loop without remat if unset)."""
+  return dict(dtype=jnp.dtype(config.compute_dtype),
+              scan_layers=bool(config.get('scan_layers', False)),
+              remat=str(config.get('remat', 'none')))
 
 
 def section_fields(cls, section) -> dict:
@@ -228,33 +246,38 @@ class Transformer(nnx.Module):
   """A stack of `Block`s followed by a final RMSNorm (a Qwen2 body without embeddings)."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.cfg = cfg
+    self.blocks = stacks.make_blocks(lambda r: Block(cfg, rngs=r), cfg, rngs)
     self.final_norm = rms_norm(cfg.hidden_size, cfg, rngs=rngs)
 
   def __call__(self, x_BTD: Array) -> Array:
     positions_T = jnp.arange(x_BTD.shape[1])
-    for block in self.blocks:
-      x_BTD = constrain_batch(block(constrain_batch(x_BTD), positions_T))
+
+    def layer(block, x_BTD, _):
+      return constrain_batch(block(constrain_batch(x_BTD), positions_T)), None
+    x_BTD, _ = stacks.apply_blocks(self.blocks, self.cfg, layer, x_BTD)
     return self.final_norm(x_BTD)
 
-  def init_cache(self, batch: int, length: int) -> list[dict[str, Array]]:
-    """An empty KV cache for `batch` sequences of up to `length` tokens, per layer."""
-    cfg = self.blocks[0].attn.cfg
+  def init_cache(self, batch: int, length: int):
+    """An empty KV cache for `batch` sequences of up to `length` tokens (layout in
+    the module docstring)."""
+    cfg = self.cfg
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+      shape = (cfg.num_layers, *shape)
+      return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
     return [{'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
-            for _ in self.blocks]
+            for _ in range(cfg.num_layers)]
 
-  def decode(self, x_BTD: Array, caches: list[dict[str, Array]], index: Array,
-             ) -> tuple[Array, list[dict[str, Array]]]:
+  def decode(self, x_BTD: Array, caches, index: Array):
     """The causal stack on T new tokens at absolute positions index..index+T-1.
 
     Equals `__call__` of a causal stack on the whole prefix, restricted to the new
     positions, given caches that hold the earlier positions; returns the updated
-    caches (one per layer) with the new positions' keys and values written in.
+    caches (same layout) with the new positions' keys and values written in.
     """
-    new_caches = []
-    for block, cache in zip(self.blocks, caches, strict=True):
+    def layer(block, x_BTD, cache):
       x_BTD, cache = block.decode(constrain_batch(x_BTD), cache, index)
-      x_BTD = constrain_batch(x_BTD)
-      new_caches.append(cache)
-    return self.final_norm(x_BTD), new_caches
+      return constrain_batch(x_BTD), cache
+    x_BTD, caches = stacks.apply_blocks(self.blocks, self.cfg, layer, x_BTD, caches)
+    return self.final_norm(x_BTD), caches

@@ -43,6 +43,8 @@ class LMConfig:
   rms_eps: float = 1e-6
   tie_embeddings: bool = False  # lm_head = embedding matrix, as in Qwen2-0.5B
   dtype: Any = jnp.float32
+  scan_layers: bool = False  # stacks.make_blocks
+  remat: str = 'none'
 
   @property
   def transformer(self) -> layers.TransformerConfig:
@@ -52,8 +54,8 @@ class LMConfig:
   def from_config(cls, config) -> 'LMConfig':
     """Reads `config.ar` and the shared fields of a tokcom_jax ConfigDict."""
     kwargs = layers.section_fields(cls, config.ar)
-    return cls(vocab_size=config.vocab_size,
-               dtype=jnp.dtype(config.compute_dtype), **kwargs)
+    return cls(vocab_size=config.vocab_size, **layers.stack_options(config),
+               **kwargs)
 
 
 class CausalLM(nnx.Module):
@@ -81,11 +83,10 @@ class CausalLM(nnx.Module):
     """Token ids [B, T] → next-token logits [B, T, V]; position t sees tokens ≤ t."""
     return self.logits(self.transformer(self.embed(tokens_BT)))
 
-  def init_cache(self, batch: int, length: int) -> list[dict[str, Array]]:
+  def init_cache(self, batch: int, length: int):
     return self.transformer.init_cache(batch, length)
 
-  def decode(self, tokens_BT: Array, caches: list[dict[str, Array]], index: Array,
-             ) -> tuple[Array, list[dict[str, Array]]]:
+  def decode(self, tokens_BT: Array, caches, index: Array) -> tuple[Array, Any]:
     """Tokens at absolute positions index..index+T-1 → (hidden [B, T, D], caches).
 
     Returns hidden states, not logits, so that a prefill over the whole buffer does

@@ -120,6 +120,8 @@ CONFIG: dict[str, Rule] = {
     'stage': one_of('vae', 'diffusion', 'ar', 'all'),
     'seed': COUNT,
     'compute_dtype': one_of('bfloat16', 'float32'),
+    'scan_layers': BOOL,
+    'remat': one_of('none', 'dots_saveable', 'full'),
     'tokenizer': TOKENIZER,
     'vocab_size': POSITIVE_INT,
     'max_length': POSITIVE_INT,

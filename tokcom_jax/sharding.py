@@ -27,7 +27,7 @@ LOGICAL_RULES = (
     ('embed', 'fsdp'),
     ('vocab', None), ('mlp', None), ('heads', None), ('kv_heads', None),
     ('head_dim', None), ('latent', None), ('modulation', None), ('freq', None),
-    ('embed_out', None),
+    ('embed_out', None), ('layers', None),
 )
 
 

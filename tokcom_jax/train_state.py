@@ -43,10 +43,7 @@ def make_optimizer(train_config, lr: float, total_steps: int):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, lr, min(tc.warmup_steps, updates - 1) if updates > 1 else 0, updates,
       end_value=0.1 * lr)
-  # Weight decay on weight matrices and embeddings only: never on norm scales or
-  # biases (attention's q/k/v biases are [heads, head_dim], so ndim cannot tell).
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim >= 2 and _name(path[-1]) != 'bias', params)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(decays, params)
   tx = optax.chain(
       optax.clip_by_global_norm(tc.grad_clip),
       optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
@@ -58,6 +55,16 @@ def make_optimizer(train_config, lr: float, total_steps: int):
 
 def _name(key) -> str:
   return str(getattr(key, 'key', getattr(key, 'name', key)))
+
+
+def decays(path, param) -> bool:
+  """Weight decay on weight matrices and embeddings only: never on norm scales or
+  biases (attention's q/k/v biases are [heads, head_dim], so ndim cannot tell), and
+  a scanned stack's leading `layers` axis (`blocks` then a name, not an index)
+  does not count as a dimension of the parameter."""
+  names = [_name(k) for k in path]
+  stacked = any(a == 'blocks' and not b.isdigit() for a, b in zip(names, names[1:]))
+  return param.ndim - stacked >= 2 and names[-1] != 'bias'
 
 
 def opt_state_shardings(optimizer, params, mesh):

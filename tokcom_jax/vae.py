@@ -52,6 +52,8 @@ class VAEConfig:
   normalize_latent: bool = False  # latent means scaled to RMS 1 per latent vector
   autoregressive_decoder: bool = False  # token k of a chunk also reads tokens < k
   dtype: Any = jnp.float32
+  scan_layers: bool = False  # stacks.make_blocks
+  remat: str = 'none'
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
     return layers.stack_config(self, num_layers, causal)
@@ -69,7 +71,7 @@ class VAEConfig:
     """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
     kwargs = layers.section_fields(cls, config.vae)
     return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
-               dtype=jnp.dtype(config.compute_dtype), **kwargs)
+               **layers.stack_options(config), **kwargs)
 
 
 class ChunkVAE(nnx.Module):
