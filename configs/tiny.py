@@ -16,6 +16,9 @@ from tokcom_jax import config_lib
 def get_config(arg: str | None = None):
   config = config_lib.base_config()
   config.compute_dtype = 'float32'
+  # Layers in a Python loop: at these depths a CPU runs the unrolled step faster
+  # (benchmarks/RESULTS.md, "Layers under scan"); deep configs scan.
+  config.scan_layers = False
   config.tokenizer = 'bpe:1024'
   config.vocab_size = 1024
   config.max_length = 64

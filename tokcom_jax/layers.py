@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import stacks
+from tokcom_jax import ops, stacks
 
 Array = jax.Array
 
@@ -218,7 +218,10 @@ class SwiGLU(nnx.Module):
     self.down = dense(F, D, ('mlp', 'embed'), dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, x_BTD: Array) -> Array:
-    return self.down(jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD))
+    """down(silu(gate(x)) * up(x)), the backward pass written out (`ops.swiglu`)."""
+    dtype = self.gate.dtype
+    kernels = (m.kernel[...].astype(dtype) for m in (self.gate, self.up, self.down))
+    return ops.swiglu(x_BTD.astype(dtype), *kernels)
 
 
 class Block(nnx.Module):
