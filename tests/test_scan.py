@@ -144,6 +144,14 @@ def test_a_scanned_flow_model_predicts_what_the_loop_predicts(causal):
   out = lambda g, p: merged(g, p)(x_BNZ, t, prev_BNZ, clean_BNZ if causal else None)
   np.testing.assert_allclose(out(scan_g, stacked), out(loop_g, params),
                              rtol=1e-4, atol=1e-4)
+  # What the samplers run: the scanned model as a loop, weights sliced once.
+  looped = stacks.as_loop(merged(scan_g, stacked))
+  assert isinstance(looped.blocks, nnx.List) and len(looped.blocks) == 3
+  np.testing.assert_array_equal(looped.blocks[1].mlp.up.kernel[...],
+                                stacked['blocks']['mlp']['up']['kernel'][1])
+  np.testing.assert_allclose(
+      looped(x_BNZ, t, prev_BNZ, clean_BNZ if causal else None), out(loop_g, params),
+      rtol=1e-4, atol=1e-4)
 
 
 def test_the_stacked_axis_is_replicated_and_the_width_still_sharded():
