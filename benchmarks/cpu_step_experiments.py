@@ -19,6 +19,7 @@ import statistics
 
 import common
 import jax
+import jax.numpy as jnp
 import optax
 
 import train_step
@@ -28,6 +29,23 @@ from tokcom_jax import flops, layers, vae
 def autodiff_swiglu(self, x):
   """The SwiGLU MLP as it was before `ops.swiglu`: jax.grad of the plain layers."""
   return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def fused_qkv(self, x_BTD, positions_T):
+  """q, k and v from one [D, (N + 2K)·H] matmul, the kernels concatenated per call."""
+  D = x_BTD.shape[-1]
+  mods = (self.query, self.key, self.value)
+  heads = [m.kernel.shape[1] for m in mods]
+  dtype = self.cfg.dtype
+  w = jnp.concatenate([m.kernel[...].reshape(D, -1) for m in mods], 1).astype(dtype)
+  b = jnp.concatenate([m.bias[...].reshape(-1) for m in mods]).astype(dtype)
+  y = x_BTD.astype(dtype) @ w + b
+  H = self.cfg.head_dim
+  q, k, v = jnp.split(y, [heads[0] * H, (heads[0] + heads[1]) * H], axis=-1)
+  split = lambda a, n: a.reshape(*a.shape[:-1], n, H)
+  theta = self.cfg.rope_theta
+  return (layers.apply_rope(split(q, heads[0]), positions_T, theta),
+          layers.apply_rope(split(k, heads[1]), positions_T, theta), split(v, heads[2]))
 
 
 def one_hot_ce(logits, labels):
@@ -47,6 +65,7 @@ def patched(obj, name, value):
 VARIANTS = {
     'current': contextlib.nullcontext,
     'autodiff_swiglu': lambda: patched(layers.SwiGLU, '__call__', autodiff_swiglu),
+    'fused_qkv': lambda: patched(layers.Attention, 'qkv', fused_qkv),
     'ce_one_hot': lambda: patched(
         vae.optax, 'softmax_cross_entropy_with_integer_labels', one_hot_ce),
 }

@@ -134,7 +134,8 @@ def as_saved(abstract, saved_tree):
   the same model), a function taking restored params back to `abstract`'s layout
   and shardings). The layout of `abstract` itself when neither matches."""
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  back = lambda convert: lambda params: jax.device_put(convert(params), shardings)
+  # Under jit: the restored arrays may span hosts (no eager op on them would run).
+  back = lambda convert: jax.jit(convert, out_shardings=shardings)
   candidates = (
       (abstract, lambda params: params),
       (unstack_layers(abstract, lambda x, i: _abstract(
