@@ -60,13 +60,21 @@ class AdaLNZeroBlock(nnx.Module):
 
   def __call__(self, x_BTD: Array, cond: Array, positions_T: Array) -> Array:
     """`cond` [B, D] or [B, T, D] (see `per_position`)."""
+    return self._apply(x_BTD, cond, lambda h: (self.attn(h, positions_T), None))[0]
+
+  def decode(self, x_BTD: Array, cond: Array, cache, index: Array):
+    """`__call__` of a causal block for T positions index.., attending over a KV
+    cache of the positions before (`layers.Attention.decode`); (out, cache)."""
+    return self._apply(x_BTD, cond, lambda h: self.attn.decode(h, cache, index))
+
+  def _apply(self, x_BTD, cond, attend):
     (attn_shift, attn_scale, attn_gate,
      mlp_shift, mlp_scale, mlp_gate) = jnp.split(
          self.modulation(jax.nn.silu(cond)), 6, axis=-1)
-    h_BTD = modulate(self.attn_norm(x_BTD), attn_shift, attn_scale)
-    x_BTD = x_BTD + per_position(attn_gate) * self.attn(h_BTD, positions_T)
+    a_BTD, cache = attend(modulate(self.attn_norm(x_BTD), attn_shift, attn_scale))
+    x_BTD = x_BTD + per_position(attn_gate) * a_BTD
     h_BTD = modulate(self.mlp_norm(x_BTD), mlp_shift, mlp_scale)
-    return x_BTD + per_position(mlp_gate) * self.mlp(h_BTD)
+    return x_BTD + per_position(mlp_gate) * self.mlp(h_BTD), cache
 
 
 class AdaLNFinalLayer(nnx.Module):
@@ -208,17 +216,39 @@ class LatentFlowTransformer(nnx.Module):
     chunkwise model); a self-conditioning model also reads its previous estimate
     x1_prev (zeros: none yet). A chunkwise (`causal`) model reads the clean latents
     `clean_BNZ` too, chunk n those of chunks < n only (what follows is never seen)."""
+    cond, h_BND = self._inputs(x_t_BNZ, t, x1_prev_BNZ, clean_BNZ, 0)
+    h_BND = self.body(h_BND, cond)
+    return self.final_layer(h_BND, cond).astype(jnp.float32)
+
+  def _inputs(self, x_t_BTZ, t, x1_prev_BTZ, clean_BNZ, index):
+    """(condition, model-width input) of positions index..index+T-1."""
     cond = self.time_embed(t)
-    h_BND = self.input_proj(x_t_BNZ)
-    if self.cfg.self_condition and x1_prev_BNZ is not None:
-      h_BND = h_BND + self.prev_proj(x1_prev_BNZ)
+    h_BTD = self.input_proj(x_t_BTZ)
+    if self.cfg.self_condition and x1_prev_BTZ is not None:
+      h_BTD = h_BTD + self.prev_proj(x1_prev_BTZ)
     if self.cfg.causal:
       if clean_BNZ is None:
         raise ValueError('a chunkwise flow model reads the clean latents before each'
                          ' chunk: pass clean_BNZ (flow.chunkwise_sample does).')
-      before_BND = self.context_proj(clean_BNZ[:, :-1])
-      start_B1D = jnp.broadcast_to(self.start[...].astype(before_BND.dtype),
-                                   (h_BND.shape[0], 1, h_BND.shape[-1]))
-      h_BND = h_BND + jnp.concatenate([start_B1D, before_BND], axis=1)
-    h_BND = self.body(h_BND, cond)
-    return self.final_layer(h_BND, cond).astype(jnp.float32)
+      before_T = index + jnp.arange(h_BTD.shape[1]) - 1  # the chunk before each
+      before_BTD = self.context_proj(jnp.take(clean_BNZ, jnp.maximum(before_T, 0), 1))
+      start = self.start[...].astype(before_BTD.dtype)
+      h_BTD = h_BTD + jnp.where((before_T < 0)[:, None], start, before_BTD)
+    return cond, h_BTD
+
+  def init_cache(self, batch: int, length: int):
+    """An empty KV cache of a chunkwise (causal) model for `length` chunks."""
+    return layers.init_cache(self.cfg.transformer, batch, length)
+
+  def decode(self, x_t_BTZ: Array, t_BT: Array, x1_prev_BTZ: Array | None,
+             clean_BNZ: Array, caches, index: Array):
+    """A chunkwise model's prediction [B, T, Z] for the T chunks at index..,
+    attending over `caches` for the chunks before (what `__call__` gives there,
+    given caches written by passes over those chunks); returns (x1, caches)."""
+    cond, h_BTD = self._inputs(x_t_BTZ, t_BT, x1_prev_BTZ, clean_BNZ, index)
+
+    def layer(block, h_BTD, cache):
+      return block.decode(h_BTD, cond, cache, index)
+    h_BTD, caches = stacks.apply_blocks(self.blocks, self.cfg.transformer, layer,
+                                        h_BTD, caches)
+    return self.final_layer(h_BTD, cond).astype(jnp.float32), caches

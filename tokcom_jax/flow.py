@@ -263,12 +263,56 @@ def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float =
   return jax.lax.fori_loop(0, N, one_chunk, jnp.zeros_like(x0_BNZ))
 
 
+def cached_chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *,
+                            shift: float = 1.0, known_mask_BN: Array | None = None,
+                            known_BNZ: Array | None = None) -> Array:
+  """`chunkwise_sample` (without `refine`) with a KV cache: each Euler step runs the
+  model (`dit.LatentFlowTransformer.decode`) on chunk n alone, attending over the
+  keys and values that the finished chunks left in the cache, and one more pass per
+  chunk, on its final latent at t = 1 (what the full pass gives a finished chunk),
+  writes them. N·(steps + 1) passes over one chunk instead of N·steps over all N."""
+  B, N, _ = x0_BNZ.shape
+  steps = jnp.asarray(steps, jnp.int32)
+  held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
+             else jnp.asarray(known_mask_BN, bool))
+  known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
+  at = lambda a_BN, n: jax.lax.dynamic_index_in_dim(a_BN, n, 1, keepdims=False)
+
+  def one_chunk(n, carry):
+    clean_BNZ, caches = carry
+    decode = lambda x_BZ, t, prev_BZ, caches: model.decode(
+        x_BZ[:, None], jnp.full((B, 1), t), prev_BZ[:, None], clean_BNZ, caches, n)
+
+    def step(i, carry):
+      x_BZ, x1_prev_BZ, caches = carry
+      t, t_next = grid_time(i, steps, shift), grid_time(i + 1, steps, shift)
+      x1_B1Z, caches = decode(x_BZ, t, x1_prev_BZ, caches)
+      r = (t_next - t) / (1.0 - t)
+      return (1.0 - r) * x_BZ + r * x1_B1Z[:, 0], x1_B1Z[:, 0], caches
+
+    held_B, x0_BZ = at(held_BN, n), at(x0_BNZ, n)
+    todo = jnp.where(jnp.all(held_B), 0, steps)  # a chunk every row holds: no steps
+    x_BZ, _, caches = jax.lax.fori_loop(0, todo, step,
+                                        (x0_BZ, jnp.zeros_like(x0_BZ), caches))
+    x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
+    _, caches = decode(x_BZ, 1.0, x_BZ, caches)  # as the later chunks read it
+    return jax.lax.dynamic_update_index_in_dim(clean_BNZ, x_BZ, n, 1), caches
+
+  return jax.lax.fori_loop(0, N, one_chunk, (jnp.zeros_like(x0_BNZ),
+                                             model.init_cache(B, N)))[0]
+
+
 def generate(model, x0_BNZ: Array, steps: int | Array, cfg: FlowConfig, **kwargs
              ) -> Array:
   """Latents (in the flow's units) from noise x0, in the order of `cfg.order`;
   keyword arguments as `euler_sample`'s (held chunks, `refine`), and
-  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it)."""
+  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it).
+  Chunkwise without `refine`, a model with a KV cache (`decode`) samples with it."""
   if cfg.order == 'chunkwise':
+    if kwargs.get('refine') is None and hasattr(model, 'decode'):
+      kwargs.pop('refine', None), kwargs.pop('refine_chunks_N', None)
+      return cached_chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift,
+                                     **kwargs)
     return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
   kwargs.pop('refine_chunks_N', None)  # all chunks at once: every step refines
   return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)

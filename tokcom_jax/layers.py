@@ -245,6 +245,17 @@ class Block(nnx.Module):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), cache
 
 
+def init_cache(cfg: TransformerConfig, batch: int, length: int):
+  """An empty KV cache of a stack for `batch` sequences of up to `length` positions
+  (layout in the module docstring)."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers, *shape)
+    return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
+  return [{'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
+          for _ in range(cfg.num_layers)]
+
+
 class Transformer(nnx.Module):
   """A stack of `Block`s followed by a final RMSNorm (a Qwen2 body without embeddings)."""
 
@@ -262,15 +273,7 @@ class Transformer(nnx.Module):
     return self.final_norm(x_BTD)
 
   def init_cache(self, batch: int, length: int):
-    """An empty KV cache for `batch` sequences of up to `length` tokens (layout in
-    the module docstring)."""
-    cfg = self.cfg
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.scan_layers:
-      shape = (cfg.num_layers, *shape)
-      return {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
-    return [{'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
-            for _ in range(cfg.num_layers)]
+    return init_cache(self.cfg, batch, length)
 
   def decode(self, x_BTD: Array, caches, index: Array):
     """The causal stack on T new tokens at absolute positions index..index+T-1.
