@@ -130,14 +130,16 @@ def _saved_tree(mngr: ocp.CheckpointManager, step: int):
       epath.Path(mngr.directory) / str(step) / 'state')
 
 
-def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=()) -> None:
+def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=(),
+                  saved_tree=None) -> None:
   """Compares `target`'s shapes (under `prefix` of the saved state) with the
   checkpoint's metadata before anything is read. A restore onto other shapes fails
   in one array while orbax's reads of the others are still in flight; their
   completions then find the restore's event loop closed, and each prints a
   traceback ("Event loop is closed") long after the error."""
   saved = {'/'.join(map(_name, path)): x.shape for path, x in
-           jax.tree_util.tree_flatten_with_path(_saved_tree(mngr, step))[0]}
+           jax.tree_util.tree_flatten_with_path(
+               _saved_tree(mngr, step) if saved_tree is None else saved_tree)[0]}
   names = ['/'.join(map(_name, prefix + tuple(path))) for path, _ in
            jax.tree_util.tree_flatten_with_path(target)[0]]
   for name, x in sorted(zip(names, jax.tree.leaves(target)),
@@ -285,10 +287,10 @@ def restore_params(workdir, abstract_params, step: int | None = None
 
   def read(step):
     # A run saved with the other `scan_layers` restores in its layout, then converts.
-    saved, convert = stacks.as_saved(abstract_params, _saved_tree(mngr, step)[
-        'params'])
+    saved_tree = _saved_tree(mngr, step)
+    saved, convert = stacks.as_saved(abstract_params, saved_tree['params'])
     item = {'params': saved}
-    _check_shapes(mngr, step, saved, ('params',))
+    _check_shapes(mngr, step, saved, ('params',), saved_tree)
     restored = mngr.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore(),
         state=ocp.args.PyTreeRestore(

@@ -29,8 +29,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from tokcom_jax import vae as vae_lib
+from tokcom_jax import stacks, vae as vae_lib
 
 Array = jax.Array
 # (x_t [B,N,Z], t [B], previous x1 estimate [B,N,Z]) -> x1_pred [B,N,Z]
@@ -266,11 +267,9 @@ def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float =
 def cached_chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *,
                             shift: float = 1.0, known_mask_BN: Array | None = None,
                             known_BNZ: Array | None = None) -> Array:
-  """`chunkwise_sample` (without `refine`) with a KV cache: each Euler step runs the
-  model (`dit.LatentFlowTransformer.decode`) on chunk n alone, attending over the
-  keys and values that the finished chunks left in the cache, and one more pass per
-  chunk, on its final latent at t = 1 (what the full pass gives a finished chunk),
-  writes them. N·(steps + 1) passes over one chunk instead of N·steps over all N."""
+  """`chunkwise_sample` (no `refine`) with a KV cache: each Euler step runs the model
+  (`.decode`) on chunk n alone over the keys/values the finished chunks left in the
+  cache; one more pass per chunk, its final latent at t = 1, writes them."""
   B, N, _ = x0_BNZ.shape
   steps = jnp.asarray(steps, jnp.int32)
   held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
@@ -306,11 +305,14 @@ def generate(model, x0_BNZ: Array, steps: int | Array, cfg: FlowConfig, **kwargs
              ) -> Array:
   """Latents (in the flow's units) from noise x0, in the order of `cfg.order`;
   keyword arguments as `euler_sample`'s (held chunks, `refine`), and
-  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it).
-  Chunkwise without `refine`, a model with a KV cache (`decode`) samples with it."""
+  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it). A
+  flow model (not a bare function) runs as a loop over its layers, and chunkwise
+  without `refine` with its KV cache."""
+  if isinstance(model, nnx.Module):
+    model = stacks.as_loop(model)  # its weights sliced once, not at every step
   if cfg.order == 'chunkwise':
-    if kwargs.get('refine') is None and hasattr(model, 'decode'):
-      kwargs.pop('refine', None), kwargs.pop('refine_chunks_N', None)
+    if kwargs.get('refine') is None and isinstance(model, nnx.Module):
+      kwargs = {k: v for k, v in kwargs.items() if k in ('known_mask_BN', 'known_BNZ')}
       return cached_chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift,
                                      **kwargs)
     return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tokcom_jax import (checkpoint, config_lib, flow, portable, sharding, stacks,
-                        stages, train_state)
+from tokcom_jax import (checkpoint, config_lib, flow, portable, sharding, stages,
+                        train_state)
 from tokcom_jax.decoding import choose_tokens
 from tokcom_jax.errors import SamplingError
 from tokcom_jax.lm_sampling import AutoregressiveLM, check_counts
@@ -72,7 +72,7 @@ class TokCom:
   @functools.partial(jax.jit, static_argnums=0)
   def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
     """Noise (in the flow's units) → VAE latents; `known_BNZ` are VAE latents."""
-    model = stacks.as_loop(nnx.merge(self.dit_graphdef, dit_params))
+    model = nnx.merge(self.dit_graphdef, dit_params)
     x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
                       known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ))
     # Held chunks exactly as given (the round trip through the flow's units rounds).
@@ -85,7 +85,7 @@ class TokCom:
     """`_sample_latents` for a prompt that ends inside a chunk: each prediction of
     x1 is moved, by a few normalized gradient steps on that chunk's latent only,
     toward latents whose decoding starts with the prompt's last tokens."""
-    model = stacks.as_loop(nnx.merge(self.dit_graphdef, dit_params))
+    model = nnx.merge(self.dit_graphdef, dit_params)
     vae = nnx.merge(self.vae_graphdef, vae_params)
     K = self.chunk_size
     B, N, _ = x0_BNZ.shape

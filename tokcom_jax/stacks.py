@@ -88,6 +88,12 @@ def _is_stack(key, value) -> bool:
   return key == 'blocks' and isinstance(value, dict) and not _is_loop(value)
 
 
+def is_stacked(names: list[str]) -> bool:
+  """Whether the parameter at this path (its keys as strings) lies in a scanned
+  stack, i.e. has a leading `layers` axis: `blocks` followed by a name, not an index."""
+  return any(a == 'blocks' and not b.isdigit() for a, b in zip(names, names[1:]))
+
+
 def stack_layers(tree, stack=lambda xs: jnp.stack(xs)):
   """A pure dict of parameters with looped stacks in the scanned layout: every
   `blocks` {0: p0, 1: p1, ...} becomes `blocks` stack(p0, p1, ...) leaf by leaf."""

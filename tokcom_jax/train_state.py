@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tokcom_jax import checkpoint, sharding
+from tokcom_jax import checkpoint, sharding, stacks
 from tokcom_jax.errors import TrainingError
 
 Build = Callable[[nnx.Rngs], nnx.Module]
@@ -60,11 +60,10 @@ def _name(key) -> str:
 def decays(path, param) -> bool:
   """Weight decay on weight matrices and embeddings only: never on norm scales or
   biases (attention's q/k/v biases are [heads, head_dim], so ndim cannot tell), and
-  a scanned stack's leading `layers` axis (`blocks` then a name, not an index)
-  does not count as a dimension of the parameter."""
+  a scanned stack's leading `layers` axis does not count as a dimension of the
+  parameter."""
   names = [_name(k) for k in path]
-  stacked = any(a == 'blocks' and not b.isdigit() for a, b in zip(names, names[1:]))
-  return param.ndim - stacked >= 2 and names[-1] != 'bias'
+  return param.ndim - stacks.is_stacked(names) >= 2 and names[-1] != 'bias'
 
 
 def opt_state_shardings(optimizer, params, mesh):
