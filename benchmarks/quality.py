@@ -52,6 +52,12 @@ VARIANTS = {
                                  'train.diffusion.num_steps=6000'),
     # Chunks one after another, each from the clean chunks before it (flow.order).
     'chunkwise': (NORM64, STD + ',self_condition=True,order=chunkwise'),
+    # The chunkwise default on a VAE trained with a latent prior (vae.prior_weight):
+    # the flow's loss shapes the latent space in stage 1.
+    'prior1_chunkwise': (NORM64 + ',prior_weight=1.0',
+                         STD + ',self_condition=True,order=chunkwise'),
+    'prior01_chunkwise': (NORM64 + ',prior_weight=0.1',
+                          STD + ',self_condition=True,order=chunkwise'),
 }
 
 

@@ -152,6 +152,11 @@ CONFIG_CASES = {  # get_config argument → the whole message
     'vae,ar.num_kv_heads=3':
         'ar.num_heads=4: is not divisible by ar.num_kv_heads 3'
         ' (set --config.ar.num_kv_heads=2)',
+    'vae,prior_weight=1.0,normalize_latent=False':
+        'vae.prior_weight=1.0, vae.normalize_latent=False: the latent prior would'
+        ' shrink unnormalized latents toward zero (set --config.vae.normalize_latent=True)',
+    'vae,prior_weight=-1.0':
+        'vae.prior_weight=-1.0: must be a number >= 0 (set --config.vae.prior_weight=X)',
 }
 
 

@@ -23,7 +23,8 @@ RECIPES = {
                   ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
                   self_condition=False, order='parallel'),
         vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
-                 normalize_latent=False, autoregressive_decoder=False),
+                 normalize_latent=False, autoregressive_decoder=False,
+                 prior_weight=0.0),
         sample=dict(noise_scale=1.0)),
 }
 
@@ -55,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=1_000_000.0, rms_eps=1e-6, encoder_causal=True,
       decoder_causal=True, kl_weight=0.0, kl_clamp=0.0, latent_noise=0.0,
       latent_dropout=0.0, token_dropout=0.0, normalize_latent=False,
-      autoregressive_decoder=False))
+      autoregressive_decoder=False, prior_weight=0.0))
 
   # Stage 2: latent flow transformer.
   c.dit = ml_collections.ConfigDict(dict(

@@ -123,32 +123,20 @@ def loss_fn(x1_pred_BNZ: Array, x1_BNZ: Array, tokens_BL: Array, mask_BL: Array,
   return metrics['loss'], metrics
 
 
-def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: Array,
-                      cfg: FlowConfig, t_B: Array | None = None
-                      ) -> tuple[Array, dict[str, Array]]:
-  """The whole stage-2 objective for one batch of token windows.
-
-  The frozen VAE gives x1 = its posterior mean, in the flow's units; noise and t come
-  from `rng` (or `t_B` for evaluation at fixed times, where the CE term is always
-  computed); with self-conditioning, half the examples see the model's own
-  (stop-gradient) estimate of x1 as an extra input, the rest zeros.
-
-  A chunkwise model gets a time per chunk (every chunk at `t_B` when given) and
-  the clean latents, from which it reads those before each chunk.
-  """
-  mean_BNZ, _ = vae_model.encode(tokens_BL)
-  x1_BNZ = model.to_flow(jax.lax.stop_gradient(mean_BNZ))
+def noised_prediction(model, x1_BNZ: Array, rng: Array, cfg: FlowConfig,
+                      t_B: Array | None = None) -> tuple[Array, Array]:
+  """(x1 prediction, t) for x1 [B, N, Z] noised to times from `rng` (or `t_B`); a
+  chunkwise model gets a time per chunk and reads the clean chunks before each; with
+  self-conditioning half the examples see the model's own (stop-gradient) estimate of
+  x1, the rest zeros. Gradients reach x1 (stage 1's latent prior uses them)."""
   B, N, _ = x1_BNZ.shape
   chunkwise = cfg.order == 'chunkwise'
   noise_rng, t_rng, sc_rng = jax.random.split(rng, 3)
   x0_BNZ = sample_noise(noise_rng, x1_BNZ.shape, cfg.noise_std)
-  ce_mask_B, sampled_t = None, t_B is None
-  if sampled_t:
+  if t_B is None:
     t_B = sample_t(t_rng, B * N if chunkwise else B, cfg.t_schedule, cfg.t_mean,
                    cfg.t_std, cfg.t_shift)
     t_B = t_B.reshape(B, N) if chunkwise else t_B
-    if cfg.ce_min_t > 0:
-      ce_mask_B = (t_B >= cfg.ce_min_t).astype(jnp.float32)
   elif chunkwise:
     t_B = jnp.broadcast_to(t_B[:, None], (B, N))
   clean = dict(clean_BNZ=x1_BNZ) if chunkwise else {}
@@ -158,10 +146,22 @@ def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: A
     estimate = jax.lax.stop_gradient(model(x_t_BNZ, t_B, x1_prev_BNZ, **clean))
     use_B = jax.random.bernoulli(sc_rng, 0.5, (B,))
     x1_prev_BNZ = jnp.where(_per_example(use_B, estimate), estimate, 0.0)
-  x1_pred_BNZ = model(x_t_BNZ, t_B, x1_prev_BNZ, **clean)
+  return model(x_t_BNZ, t_B, x1_prev_BNZ, **clean), t_B
+
+
+def diffusion_loss_fn(model, vae_model, tokens_BL: Array, mask_BL: Array, rng: Array,
+                      cfg: FlowConfig, t_B: Array | None = None
+                      ) -> tuple[Array, dict[str, Array]]:
+  """The stage-2 objective of a batch: x1 = the frozen VAE's posterior mean in the
+  flow's units (the CE term always computed at evaluation's fixed times)."""
+  mean_BNZ, _ = vae_model.encode(tokens_BL)
+  x1_BNZ = model.to_flow(jax.lax.stop_gradient(mean_BNZ))
+  sampled_t = t_B is None
+  x1_pred_BNZ, t_B = noised_prediction(model, x1_BNZ, rng, cfg, t_B)
+  ce_mask_B = ((t_B >= cfg.ce_min_t).astype(jnp.float32)
+               if sampled_t and cfg.ce_min_t > 0 else None)
   if ce_mask_B is None and sampled_t and not cfg.ce_weight:
-    # Plain flow matching: no frozen-decoder pass in the training step at all (the
-    # CE is still measured at evaluation, where t is given).
+    # Plain flow matching: no decoder pass in the training step (CE at evaluation).
     mse = jnp.mean(jnp.square(x1_pred_BNZ - x1_BNZ))
     return cfg.mse_weight * mse, {'mse': mse, 'loss': cfg.mse_weight * mse}
   return loss_fn(x1_pred_BNZ, x1_BNZ, tokens_BL, mask_BL,

@@ -144,6 +144,7 @@ CONFIG: dict[str, Rule] = {
     'vae.token_dropout': FRACTION,
     'vae.normalize_latent': BOOL,
     'vae.autoregressive_decoder': BOOL,
+    'vae.prior_weight': NON_NEGATIVE,
     **_section('dit', _TRANSFORMER),
     'dit.num_layers': POSITIVE_INT,
     'dit.time_freq_dim': EVEN_INT,  # half cosines, half sines
@@ -246,6 +247,10 @@ def _check_combinations(c) -> None:
   if c.vae.autoregressive_decoder and not c.vae.decoder_causal:
     _fail('vae.autoregressive_decoder=True, vae.decoder_causal=False',
           "a token must not see its chunk's later tokens", 'vae.decoder_causal=True')
+  if c.vae.prior_weight > 0 and not c.vae.normalize_latent:
+    _fail(f'vae.prior_weight={c.vae.prior_weight}, vae.normalize_latent=False',
+          'the latent prior would shrink unnormalized latents toward zero',
+          'vae.normalize_latent=True')
   if not (c.flow.ce_weight > 0 or c.flow.mse_weight > 0):
     _fail(f'flow.ce_weight={c.flow.ce_weight}, flow.mse_weight={c.flow.mse_weight}',
           'stage 2 would learn nothing', 'flow.mse_weight=1')

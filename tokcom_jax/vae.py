@@ -16,14 +16,14 @@ B batch, L tokens, K chunk size, N = L/K chunks, D model width, Z latent size, V
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax import layers
+from tokcom_jax import dit, layers
 
 Array = jax.Array
 
@@ -51,6 +51,11 @@ class VAEConfig:
   token_dropout: float = 0.0  # probability of replacing an encoder input token by id 0
   normalize_latent: bool = False  # latent means scaled to RMS 1 per latent vector
   autoregressive_decoder: bool = False  # token k of a chunk also reads tokens < k
+  # A latent prior: a flow model (the stage-2 architecture) trained with the VAE on
+  # its latents, its loss × prior_weight flowing into the encoder too, so that
+  # latents become predictable from their context as well as decodable.
+  prior_weight: float = 0.0
+  prior: dit.DiTConfig | None = None  # set from config.dit when prior_weight > 0
   dtype: Any = jnp.float32
   scan_layers: bool = False  # stacks.make_blocks
   remat: str = 'none'
@@ -70,6 +75,9 @@ class VAEConfig:
   def from_config(cls, config) -> 'VAEConfig':
     """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
     kwargs = layers.section_fields(cls, config.vae)
+    if kwargs.get('prior_weight', 0.0) > 0:  # in the VAE's own units: unstandardized
+      kwargs['prior'] = dataclasses.replace(dit.DiTConfig.from_config(config),
+                                            standardize=False)
     return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
                **layers.stack_options(config), **kwargs)
 
@@ -96,6 +104,8 @@ class ChunkVAE(nnx.Module):
               rngs.params(), (K, D), jnp.float32))
     self.decoder = layers.Transformer(cfg.decoder, rngs=rngs)
     self.lm_head = layers.dense(D, V, ('embed', 'vocab'), dtype=cfg.dtype, rngs=rngs)
+    if cfg.prior is not None:
+      self.prior = dit.LatentFlowTransformer(cfg.prior, rngs=rngs)
 
   def encode(self, tokens_BL: Array) -> tuple[Array, Array]:
     """Token ids [B, L] → posterior (mean, logvar), each [B, N, Z] in fp32."""
@@ -214,8 +224,10 @@ def perturb_latents(z_BNZ: Array, rng: Array, cfg: VAEConfig) -> Array:
 
 
 def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None,
+            prior_loss: Callable[[Array], Array] | None = None
             ) -> tuple[Array, dict[str, Array]]:
-  """Stage-1 loss: CE + kl_weight · KL. `rng=None` means evaluation (no sampling)."""
+  """Stage-1 loss: CE + kl_weight · KL (+ prior_weight · prior_loss(latent means),
+  its gradient reaching the encoder). `rng=None` means evaluation (no sampling)."""
   cfg = model.cfg
   inputs_BL = tokens_BL
   if rng is not None and cfg.token_dropout > 0:
@@ -239,4 +251,7 @@ def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None
                                    cfg.chunk_size, predicted_BL)
   metrics['kl'] = kl_to_standard_normal(mean_BNZ, logvar_BNZ, cfg.kl_clamp)
   metrics['loss'] = metrics['ce'] + cfg.kl_weight * metrics['kl']
+  if prior_loss is not None and cfg.prior_weight > 0:
+    metrics['prior_mse'] = prior_loss(mean_BNZ)
+    metrics['loss'] = metrics['loss'] + cfg.prior_weight * metrics['prior_mse']
   return metrics['loss'], metrics

@@ -1,12 +1,16 @@
-"""Stage 1: the chunk VAE learns to turn every K tokens into one latent and back."""
+"""Stage 1: the chunk VAE learns to turn every K tokens into one latent and back
+(and, with `vae.prior_weight`, to make its latents predictable by a flow prior)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokcom_jax import flops, vae
+from tokcom_jax import flops, flow, vae
 from tokcom_jax.stages.base import Stage
+
+PRIOR_EVAL_KEY = 1234  # evaluation draws the prior's noise and times from this key
 
 
 class VAEStage(Stage):
@@ -18,7 +22,18 @@ class VAEStage(Stage):
     return vae.ChunkVAE(vae.VAEConfig.from_config(self.config), rngs=rngs)
 
   def loss(self, model, frozen, tokens_BL, rng):
-    return vae.loss_fn(model, tokens_BL, jnp.ones_like(tokens_BL), rng)
+    prior_loss = None
+    if model.cfg.prior is not None:
+      # The prior's flow-matching MSE on the latent means, as stage 2 computes it
+      # (the run's flow recipe) but with gradients into the encoder through both the
+      # noised input and the target: latents move to where the prior predicts them.
+      flow_cfg = flow.FlowConfig.from_config(self.config)
+      key = jax.random.key(PRIOR_EVAL_KEY) if rng is None else jax.random.fold_in(rng, 3)
+
+      def prior_loss(mean_BNZ):
+        pred_BNZ, _ = flow.noised_prediction(model.prior, mean_BNZ, key, flow_cfg)
+        return jnp.mean(jnp.square(pred_BNZ - mean_BNZ))
+    return vae.loss_fn(model, tokens_BL, jnp.ones_like(tokens_BL), rng, prior_loss)
 
   def sample(self, model, frozen, tokens_BL, key):
     """Reconstructions of the windows through their latent means."""
@@ -30,4 +45,7 @@ class VAEStage(Stage):
 
   def train_flops(self, batch):
     forward = flops.vae_forward(self.config, batch)
-    return 3 * (forward['encoder'] + forward['decoder'])
+    prior = 0.0
+    if self.config.vae.prior_weight > 0:  # forward + backward, one more for the estimate
+      prior = (3 + self.config.flow.self_condition) * flops.dit_forward(self.config, batch)
+    return 3 * (forward['encoder'] + forward['decoder']) + prior

@@ -1,0 +1,77 @@
+"""The latent prior of stage 1 (`vae.prior_weight`): a flow model trained with the
+VAE on its latents, whose loss reaches the encoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import tiny
+from tokcom_jax import flow, stages
+
+SMALL = ('vae,max_length=16,vae.hidden_size=32,vae.intermediate_size=64,'
+         'vae.latent_dim=8,dit.hidden_size=32,dit.num_layers=1,'
+         'dit.intermediate_size=64,dit.time_freq_dim=32')
+
+
+def build(prior_weight):
+  config = tiny.get_config(f'{SMALL},prior_weight={prior_weight}')
+  stage = stages.get(config, 'vae')
+  return config, stage, stage.build(nnx.Rngs(0))
+
+
+def test_no_prior_no_parameters_and_the_loss_of_before():
+  _, stage, model = build(0.0)
+  assert not hasattr(model, 'prior')
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
+  _, metrics = stage.loss(model, {}, tokens, jax.random.key(1))
+  assert 'prior_mse' not in metrics
+  np.testing.assert_allclose(metrics['loss'], metrics['ce'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('order', ['parallel', 'chunkwise'])
+def test_the_prior_loss_reaches_the_encoder_and_trains_the_prior(order):
+  config = tiny.get_config(f'{SMALL},prior_weight=0.5,order={order}')
+  stage = stages.get(config, 'vae')
+  model = stage.build(nnx.Rngs(0))
+  # The run's flow recipe, on the VAE's own (unstandardized) latents.
+  assert model.cfg.prior.causal == (order == 'chunkwise')
+  assert not model.cfg.prior.standardize and model.cfg.prior.self_condition
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def part(params, which):
+    m = nnx.merge(graphdef, params)
+    _, metrics = stage.loss(m, {}, tokens, jax.random.key(1))
+    return metrics[which]
+
+  prior_grads = jax.grad(part)(params, 'prior_mse')
+  ce_grads = jax.grad(part)(params, 'ce')
+  norm = lambda tree: float(optax.tree.norm(tree))
+  # The prior's MSE moves the encoder (through both its input and its target) and
+  # the prior itself; the reconstruction CE never touches the prior.
+  assert norm(prior_grads['encoder']) > 1e-4 and norm(prior_grads['to_mean']) > 1e-4
+  assert norm(prior_grads['prior']) > 1e-3
+  assert norm(ce_grads['prior']) == 0.0
+  # ... and nothing of the decoder.
+  assert norm(prior_grads['decoder']) == 0.0
+  _, metrics = stage.loss(model, {}, tokens, jax.random.key(1))
+  np.testing.assert_allclose(metrics['loss'], metrics['ce'] + 0.5 * metrics['prior_mse'],
+                             rtol=1e-6)
+
+
+def test_the_prior_mse_is_the_flow_loss_of_the_latent_means():
+  """At evaluation (no rng) it is stage 2's MSE with the same noise and times: the
+  prior of a trained VAE tells how well a flow model of its size can predict it."""
+  config, stage, model = build(1.0)
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
+  _, metrics = stage.loss(model, {}, tokens, None)
+  mean_BNZ = model.encode(tokens)[0]
+  key = jax.random.key(stages.vae.PRIOR_EVAL_KEY)
+  pred, _ = flow.noised_prediction(model.prior, mean_BNZ, key,
+                                   flow.FlowConfig.from_config(config))
+  np.testing.assert_allclose(metrics['prior_mse'],
+                             jnp.mean(jnp.square(pred - mean_BNZ)), rtol=1e-6)
+  assert 0.2 < float(metrics['prior_mse']) < 5.0  # an untrained prior: about 1
