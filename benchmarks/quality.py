@@ -58,6 +58,8 @@ VARIANTS = {
                          STD + ',self_condition=True,order=chunkwise'),
     'prior01_chunkwise': (NORM64 + ',prior_weight=0.1',
                           STD + ',self_condition=True,order=chunkwise'),
+    'prior03_chunkwise': (NORM64 + ',prior_weight=0.3',
+                          STD + ',self_condition=True,order=chunkwise'),
 }
 
 

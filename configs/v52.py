@@ -30,7 +30,8 @@ first few Euler steps and its samples leave the data manifold there
 (benchmarks/RESULTS.md); configs/tiny.py defaults to the best recipe measured there.
 Take it here with the same modifiers (e.g. `diffusion,standardize=True,noise_std=1.0,
 ce_weight=0.0,self_condition=True,order=chunkwise,noise_scale=0.5`, with a VAE trained
-with `normalize_latent=True,latent_noise=0.5`); `recipe=v52` switches any config back.
+with `normalize_latent=True,latent_noise=0.5,prior_weight=0.3`); `recipe=v52`
+switches any config back.
 """
 
 from tokcom_jax import config_lib

@@ -29,7 +29,8 @@ def test_one_layer_hand_count():
   # from_latent 2·8·32 per chunk, the unembedding 2·32·384 per token.
   decoder = 20 * per_token + 4 * 1600 + 4 * 512 + 16 * 2 * 32 * 384
   assert flops.vae_forward(config, 2) == {'encoder': encoder, 'decoder': decoder}
-  assert stages.get(config, 'vae').train_flops(2) == 3 * (encoder + decoder) == 3220224
+  no_prior = one_layer(prior_weight=0.0)
+  assert stages.get(no_prior, 'vae').train_flops(2) == 3 * (encoder + decoder) == 3220224
   # Flow transformer: 2 × 2 latents, full attention 4·2²·32 per sequence, in/out
   # projections, and per sample the timestep MLP and two adaLN modulations.
   condition = 2 * (32 * 32 + 32 * 32) + 2 * 32 * 192 + 2 * 32 * 64
@@ -44,6 +45,11 @@ def test_one_layer_hand_count():
   assert flops.dit_forward(config, 2) == chunkwise
   assert stages.get(config, 'diffusion').train_flops(2) == (
       4 * chunkwise + encoder + 2 * decoder)
+  # Its stage 1 trains the latent prior too: the flow model's forward and backward
+  # and the self-conditioning estimate, on the same latents.
+  assert config.vae.prior_weight > 0
+  assert stages.get(config, 'vae').train_flops(2) == (
+      3 * (encoder + decoder) + 4 * chunkwise)
 
 
 @pytest.mark.parametrize('stage', ['vae', 'diffusion', 'diffusion,recipe=v52'])

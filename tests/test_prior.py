@@ -75,3 +75,26 @@ def test_the_prior_mse_is_the_flow_loss_of_the_latent_means():
   np.testing.assert_allclose(metrics['prior_mse'],
                              jnp.mean(jnp.square(pred - mean_BNZ)), rtol=1e-6)
   assert 0.2 < float(metrics['prior_mse']) < 5.0  # an untrained prior: about 1
+
+
+def test_stage_two_reads_a_vae_with_a_prior_and_samples(tmp_path):
+  """The prior's parameters live in the VAE's checkpoint: the frozen VAE of stage 2
+  and sampling restore them with the rest, and training lowers the prior's MSE."""
+  import json
+  from tests import train_fixtures
+  from tokcom_jax import sampling, train_lib
+  source = train_fixtures.make_corpus(tmp_path / 'corpus', files=10)
+  cache = str(tmp_path / 'cache')
+  prior = {'vae.prior_weight': 1.0, 'train.vae.num_steps': 12, 'eval_every': 6}
+  train_lib.Trainer(train_fixtures.micro_config(source, cache, **prior),
+                    str(tmp_path / 'vae')).run()
+  evals = [json.loads(line) for line in open(tmp_path / 'vae' / 'metrics.jsonl')]
+  prior_mse = [e['eval/prior_mse'] for e in evals if 'eval/prior_mse' in e]
+  assert len(prior_mse) == 2 and prior_mse[1] < prior_mse[0]
+  train_lib.Trainer(train_fixtures.micro_config(
+      source, cache, stage='diffusion', vae_workdir=str(tmp_path / 'vae'),
+      **{**prior, 'train.diffusion.num_steps': 2}), str(tmp_path / 'diffusion')).run()
+  model = sampling.load(str(tmp_path / 'diffusion'))
+  assert 'prior' in model.vae_params
+  latents, tokens = model.sample(2, steps=2, seed=0)
+  assert latents.shape == (2, 8, 8) and tokens.shape == (2, 32)

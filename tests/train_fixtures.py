@@ -37,8 +37,9 @@ MICRO = dict(
        'dit.time_freq_dim': 32, 'train.vae.num_steps': 8,
        'train.diffusion.num_steps': 8, 'log_every': 1, 'eval_every': 4,
        'eval_batches': 2, 'warmup_steps': 2,
-       # Micro runs must reconstruct within a few hundred steps: no latent noise.
-       'vae.latent_noise': 0.0})
+       # Micro runs must reconstruct within a few hundred steps: no latent noise;
+       # and no latent prior (tests/test_prior.py trains one end to end).
+       'vae.latent_noise': 0.0, 'vae.prior_weight': 0.0})
 
 
 def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers
