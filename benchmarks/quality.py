@@ -60,6 +60,8 @@ VARIANTS = {
                           STD + ',self_condition=True,order=chunkwise'),
     'prior03_chunkwise': (NORM64 + ',prior_weight=0.3',
                           STD + ',self_condition=True,order=chunkwise'),
+    'prior05_chunkwise': (NORM64 + ',prior_weight=0.5',
+                          STD + ',self_condition=True,order=chunkwise'),
 }
 
 
