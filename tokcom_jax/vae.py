@@ -227,7 +227,8 @@ def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None
             prior_loss: Callable[[Array], Array] | None = None
             ) -> tuple[Array, dict[str, Array]]:
   """Stage-1 loss: CE + kl_weight · KL (+ prior_weight · prior_loss(latent means),
-  its gradient reaching the encoder). `rng=None` means evaluation (no sampling)."""
+  its gradient reaching the encoder; the stage passes `prior_loss` when the VAE has a
+  prior). `rng=None` means evaluation (no sampling)."""
   cfg = model.cfg
   inputs_BL = tokens_BL
   if rng is not None and cfg.token_dropout > 0:
@@ -251,7 +252,7 @@ def loss_fn(model: ChunkVAE, tokens_BL: Array, mask_BL: Array, rng: Array | None
                                    cfg.chunk_size, predicted_BL)
   metrics['kl'] = kl_to_standard_normal(mean_BNZ, logvar_BNZ, cfg.kl_clamp)
   metrics['loss'] = metrics['ce'] + cfg.kl_weight * metrics['kl']
-  if prior_loss is not None and cfg.prior_weight > 0:
+  if prior_loss is not None:
     metrics['prior_mse'] = prior_loss(mean_BNZ)
     metrics['loss'] = metrics['loss'] + cfg.prior_weight * metrics['prior_mse']
   return metrics['loss'], metrics

@@ -45,7 +45,7 @@ class VAEStage(Stage):
 
   def train_flops(self, batch):
     forward = flops.vae_forward(self.config, batch)
-    prior = 0.0
+    prior = 0
     if self.config.vae.prior_weight > 0:  # forward + backward, one more for the estimate
       prior = (3 + self.config.flow.self_condition) * flops.dit_forward(self.config, batch)
     return 3 * (forward['encoder'] + forward['decoder']) + prior
