@@ -16,6 +16,7 @@ from absl import flags
 
 from tokcom_jax import cli
 
+
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Run to load: a diffusion run, a VAE run (reconstruct, encode,'
     ' decode) or an ar run (generate); default: the most recently trained diffusion'
@@ -60,7 +61,7 @@ def latest_diffusion_run(root: str = 'runs') -> str:
           and json.load(open(os.path.join(os.path.dirname(d), 'config.json'))
                         ).get('stage') == 'diffusion']
   if not runs:
-    from tokcom_jax.checkpoint import CheckpointError
+    from tokcom_jax.errors import CheckpointError
     raise CheckpointError(f'no trained diffusion run under {root}/: train one'
                           ' (python train.py --config configs/tiny.py:all) or pass'
                           ' --workdir.')
@@ -81,7 +82,6 @@ def read_input() -> str:
 
 def read_latents():
   import numpy as np
-  from tokcom_jax import flag_ranges
   from tokcom_jax.errors import SamplingError
   try:
     z = np.load(_INPUT_FILE.value, allow_pickle=False)
@@ -89,28 +89,28 @@ def read_latents():
     raise SamplingError(f'--input_file={_INPUT_FILE.value}: cannot read latents ({e});'
                         ' write them with --mode encode --output_file=LATENTS.npy.'
                         ) from e
-  flag_ranges.check_latents(z, _INPUT_FILE.value)
+  cli.check_latents(z, _INPUT_FILE.value)
   return z
 
 
 def main(argv):
   del argv
-  from tokcom_jax import flag_ranges
   values = flags.FLAGS.flag_values_dict()
-  flag_ranges.check_sample_flags(values)  # every flag, before anything is loaded
+  cli.check_sample_flags(values)  # every flag, before anything is loaded
   text = read_input() if _MODE.value in ('reconstruct', 'encode') else None
   latents = read_latents() if _MODE.value == 'decode' else None
   import numpy as np
   import tokcom_jax
-  from tokcom_jax import files
-  from tokcom_jax.sampling import AutoregressiveLM, SamplingError
+  from tokcom_jax.errors import SamplingError
+  from tokcom_jax.inference.autoregressive import AutoregressiveLM
+  from tokcom_jax.storage import files
   workdir = _WORKDIR.value or latest_diffusion_run()
   print(f'workdir: {workdir}', flush=True)
   model = tokcom_jax.load(workdir, _VAE_WORKDIR.value)
   if isinstance(model, AutoregressiveLM) and _MODE.value != 'generate':
     raise SamplingError(f'{workdir} is an autoregressive (ar) run: it can only'
                         ' --mode generate.')
-  flag_ranges.check_sampling_for_run(values, model.config, workdir)
+  cli.check_sampling_for_run(values, model.config, workdir)
   sampling = dict(seed=_SEED.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   if _TEMPERATURE.value is not None:
     sampling['temperature'] = _TEMPERATURE.value
@@ -140,7 +140,7 @@ def main(argv):
       with files.atomic_open(out if out.endswith('.npy') else out + '.npy') as f:
         np.save(f, z)
   else:
-    flag_ranges.check_latents(latents, _INPUT_FILE.value, model.latent_dim)
+    cli.check_latents(latents, _INPUT_FILE.value, model.latent_dim)
     text = model.decode(latents, **sampling)
     print(text)
     if out:

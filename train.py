@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from tokcom_jax import cli
 
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/v52.py:vae.',
     lock_config=True)
@@ -37,18 +38,18 @@ def default_workdir(config_path: str, stage: str) -> str:
 
 def main(argv):
   del argv
-  from tokcom_jax import config_lib, flag_ranges
+  from tokcom_jax import config_checks
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(
       flags.FLAGS['config'].config_filename, config.stage)
   # Every flag and field against its declared range, before JAX starts.
-  flag_ranges.check_train_flags({**flags.FLAGS.flag_values_dict(), 'workdir': workdir})
-  config_lib.validate(config)
-  from tokcom_jax import sharding, train_lib  # after flags: JAX reads its env first
+  cli.check_train_flags({**flags.FLAGS.flag_values_dict(), 'workdir': workdir})
+  config_checks.check_config(config)
+  from tokcom_jax.training import sharding, trainer  # after flags: JAX reads its env first
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                   _PROCESS_ID.value)
   logging.info('workdir %s', workdir)
-  train_lib.train(config, workdir)
+  trainer.train(config, workdir)
 
 
 if __name__ == '__main__':

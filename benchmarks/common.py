@@ -13,7 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import tiny, v52  # noqa: E402
-from tokcom_jax import flops  # noqa: E402
+from tokcom_jax.models import flops  # noqa: E402
 
 # A mid size between tiny and v5.2 that a CPU steps through in seconds.
 BENCH = ('vae.hidden_size=256,vae.encoder_layers=4,vae.decoder_layers=4,'

@@ -21,7 +21,8 @@ import common
 import jax
 import numpy as np
 
-from tokcom_jax import sharding, stages, steps, train_state
+from tokcom_jax import stages
+from tokcom_jax.training import sharding, steps, train_state
 
 
 def layer_fields(stage: str, layers: int) -> str:

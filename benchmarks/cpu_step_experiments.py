@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 import train_step
-from tokcom_jax import flops, layers, vae
+from tokcom_jax.models import flops, layers, vae
 
 
 def autodiff_swiglu(self, x):

@@ -6,7 +6,7 @@
 TokCom's training compute is stage 1 (the VAE) plus stage 2 (the flow model, with the
 frozen VAE inside every step). The autoregressive baseline is fair when it gets the
 same compute: this prints each stage's model FLOPs per step (`Stage.train_flops`,
-counted as in `tokcom_jax.flops`), the steps each is configured for, and the
+counted as in `tokcom_jax.models.flops`), the steps each is configured for, and the
 `train.ar.num_steps` at which the AR stage spends what VAE + flow spend together,
 with the command that trains it.
 """

@@ -1,6 +1,6 @@
 """Writes tests/data/qwen2_reference.npz: outputs of Hugging Face Qwen2 modules.
 
-`tokcom_jax.layers` copies Qwen2's transformer; tests/test_reference.py checks it
+`tokcom_jax.models.layers` copies Qwen2's transformer; tests/test_reference.py checks it
 against these numbers without needing PyTorch. Regenerate (from the repo root, with
 `pip install -r benchmarks/requirements-bench.txt`) with
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config
 from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, 'tests', 'data', 'qwen2_reference.npz')

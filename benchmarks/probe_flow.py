@@ -23,7 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from tokcom_jax import data, flow, sampling  # noqa: E402
+import tokcom_jax  # noqa: E402
+from tokcom_jax.data import batches
+from tokcom_jax.models import flow
 
 
 def nearest(a_MZ: np.ndarray, b_KZ: np.ndarray, exclude_self=False) -> np.ndarray:
@@ -40,14 +42,14 @@ def main():
   parser.add_argument('--steps', type=int, default=50)
   parser.add_argument('--num_samples', type=int, default=64)
   args = parser.parse_args()
-  model = sampling.load(args.workdir)
+  model = tokcom_jax.load(args.workdir)
   c = model.config
   if c.flow.order != 'parallel':
     parser.error(f'{args.workdir} generates chunk by chunk (flow.order={c.flow.order});'
                  ' this probe follows one ODE over the whole sequence: give a parallel run.')
-  stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
+  stream = batches.load_token_stream(c.data.source, 'validation', model.tokenizer,
                                   c.data.cache_dir or None)
-  windows = data.Windows(stream, c.max_length)
+  windows = batches.Windows(stream, c.max_length)
   real = windows.get(np.arange(min(256, windows.num_windows)))
   real_z = model.encode_tokens(real).reshape(-1, c.vae.latent_dim)
   base = float(np.median(nearest(real_z[:1024], real_z[:1024], exclude_self=True)))

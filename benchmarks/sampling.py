@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import flow, lm, sampling, stages
+from tokcom_jax import stages
+from tokcom_jax.inference import tokcom
+from tokcom_jax.models import flow, lm
 
 
 def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
@@ -32,7 +34,7 @@ def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
   params = lambda stage: nnx.to_pure_dict(nnx.state(
       stages.get(config, stage).build(nnx.Rngs(0))))
   no_text = types.SimpleNamespace(eos_token_id=0)  # token ids only: no tokenizer
-  model = sampling.TokCom(config, no_text, params('vae'), params('diffusion'))
+  model = tokcom.TokCom(config, no_text, params('vae'), params('diffusion'))
   N, Z = tokens // config.chunk_size, config.vae.latent_dim
   x0 = flow.sample_noise(jax.random.key(0), (batch, N, Z), config.flow.noise_std)
   mask, known = jnp.zeros((batch, N), bool), jnp.zeros((batch, N, Z))

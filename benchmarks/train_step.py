@@ -19,7 +19,9 @@ import common  # noqa: F401  (sets sys.path)
 import jax
 import numpy as np
 
-from tokcom_jax import flops, sharding, stages, steps, train_state
+from tokcom_jax import stages
+from tokcom_jax.models import flops
+from tokcom_jax.training import sharding, steps, train_state
 
 
 def jax_step(config, stage: str, steps: int, warmup: int) -> float:

@@ -16,6 +16,15 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+  """(source, cache_dir): one micro corpus of standard-library files for the whole
+  session, tokenized once (its cache is shared by every run that reads it)."""
+  from tests import train_fixtures
+  root = tmp_path_factory.mktemp('corpus')
+  return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
+
+
+@pytest.fixture(scope='session')
 def runs(tmp_path_factory):
   """(vae_workdir, diffusion_workdir) of trained micro runs, shared by the session."""
   from tests import train_fixtures

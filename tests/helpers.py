@@ -1,11 +1,13 @@
 """Small shared pieces for the tests: tiny model configs and a jitted fitting loop."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax import dit, vae
+from tokcom_jax.models import dit, vae
 
 
 def tiny_vae_config(**kw) -> vae.VAEConfig:
@@ -44,6 +46,7 @@ def fit(model, loss_of_model, steps: int, lr: float):
   return nnx.merge(graphdef, params, rest), losses
 
 
+@functools.cache  # fitted once per session for each (steps, config): read, never changed
 def fit_tiny_vae(steps: int, **config):
   """A tiny ChunkVAE fitted to one batch of 4 random 32-token windows:
   (model, tokens, mask, losses)."""

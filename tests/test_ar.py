@@ -9,7 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from tokcom_jax import quality, sampling, text_metrics
+import tokcom_jax
+from tokcom_jax.evaluation import quality, text_metrics
+from tokcom_jax.inference.autoregressive import AutoregressiveLM
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +33,8 @@ def test_ar_run_learns_the_corpus_and_logs_like_the_other_stages(ar_run):
 
 
 def test_perplexity_equals_exp_of_the_mean_ce_computed_by_hand(ar_run):
-  model = sampling.load(ar_run)
-  assert isinstance(model, sampling.AutoregressiveLM)
+  model = tokcom_jax.load(ar_run)
+  assert isinstance(model, AutoregressiveLM)
   texts = ['import os\nimport sys\n', 'class Point:\n    x = 1\n']
   ids = [model.tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
   lm_model = nnx.merge(model.graphdef, model.params)
@@ -51,7 +54,7 @@ def test_perplexity_equals_exp_of_the_mean_ce_computed_by_hand(ar_run):
 
 
 def test_generation_keeps_the_prompt_and_is_seeded(ar_run):
-  model = sampling.load(ar_run)
+  model = tokcom_jax.load(ar_run)
   a = model.generate(3, num_tokens=12, seed=1, prompt='def ')
   assert a == model.generate(3, num_tokens=12, seed=1, prompt='def ')
   assert all(t.startswith('def ') for t in a)

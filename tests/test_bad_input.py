@@ -1,7 +1,7 @@
 """Bad input as a user types it: one line that names the field, flag or path and says
 what to do, raised before any work starts; a trained run is left as it was.
 
-Most cases call the checks in-process (`tokcom_jax.ranges`, `tokcom_jax.flag_ranges`,
+Most cases call the checks in-process (`tokcom_jax.config_checks`, `tokcom_jax.cli`,
 `tokcom_jax.cli`); one subprocess per entry point checks the exit code path.
 """
 
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from tokcom_jax import cli, config_lib, flag_ranges, ranges
+from tokcom_jax import cli, config_checks, config_lib
 from tokcom_jax.errors import ConfigError, SamplingError
+from tokcom_jax.training import sharding
+
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -175,11 +177,11 @@ def test_a_cache_dir_that_is_a_file(tmp_path):
 
 
 def test_every_config_field_has_a_rule():
-  """A new field of base_config() fails here until tokcom_jax/ranges.py has its rule."""
+  """A new field of base_config() fails here until tokcom_jax/config_checks.py has its rule."""
   fields = set(config_lib._leaf_paths(config_lib.base_config()))
-  assert fields - set(ranges.CONFIG) == set(), 'fields without a rule'
-  assert set(ranges.CONFIG) - fields == set(), 'rules of fields that do not exist'
-  stage = ranges.CONFIG['stage']
+  assert fields - set(config_checks.CONFIG) == set(), 'fields without a rule'
+  assert set(config_checks.CONFIG) - fields == set(), 'rules of fields that do not exist'
+  stage = config_checks.CONFIG['stage']
   for name in config_lib.STAGES + ('all',):
     assert stage.problem(name) is None
   assert stage.problem('vea') is not None
@@ -189,8 +191,8 @@ def test_every_shipped_config_is_in_range():
   from configs import v52
   for module in (tiny, v52):
     for stage in config_lib.STAGES:
-      config_lib.validate(module.get_config(stage))
-  config_lib.validate(tiny.get_config('all'))
+      config_checks.check_config(module.get_config(stage))
+  config_checks.check_config(tiny.get_config('all'))
 
 
 @pytest.mark.parametrize('data, fsdp, devices, message', [
@@ -203,9 +205,9 @@ def test_every_shipped_config_is_in_range():
 ])
 def test_mesh_against_the_device_count(data, fsdp, devices, message):
   with pytest.raises(ConfigError) as error:
-    ranges.mesh_shape(data, fsdp, devices)
+    sharding.mesh_shape(data, fsdp, devices)
   assert one_line(error) == message
-  assert ranges.mesh_shape(-1, 2, 8) == (4, 2)
+  assert sharding.mesh_shape(-1, 2, 8) == (4, 2)
 
 
 # ------------------------------------------------------------------------ flags
@@ -241,7 +243,7 @@ SAMPLE_CASES = {  # flags over SAMPLE → what the message must hold
 def test_sample_flag_out_of_range(case):
   values, message = SAMPLE_CASES[case]
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_sample_flags({**SAMPLE, **values})
+    cli.check_sample_flags({**SAMPLE, **values})
   one_line(error, message)
 
 
@@ -282,7 +284,7 @@ def test_sample_path_that_cannot_work(case, paths):
   values, message = SAMPLE_PATH_CASES[case]
   values = {k: v.format(root=paths) for k, v in values.items()}
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_sample_flags({**SAMPLE, **values})
+    cli.check_sample_flags({**SAMPLE, **values})
   one_line(error, message.format(root=paths))
 
 
@@ -307,7 +309,7 @@ LATENT_CASES = {  # array → what the message must hold
 def test_latents_that_cannot_be_decoded(case):
   z, message = LATENT_CASES[case]
   with pytest.raises(SamplingError) as error:
-    flag_ranges.check_latents(z, 'z.npy', latent_dim=16)
+    cli.check_latents(z, 'z.npy', latent_dim=16)
   one_line(error, '--input_file=z.npy: ', message)
 
 
@@ -326,7 +328,7 @@ def test_evaluate_flag_out_of_range(values, message, paths):
   values = {k: v.format(root=paths) if isinstance(v, str) else v
             for k, v in values.items()}
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_flags({**EVALUATE, **values}, flag_ranges.EVALUATE_FLAGS)
+    config_checks.check_flags({**EVALUATE, **values}, cli.EVALUATE_FLAGS)
   one_line(error, message.format(root=paths))
 
 
@@ -358,7 +360,7 @@ def test_train_flag_out_of_range(case, paths):
   values = {k: v.format(root=paths) if isinstance(v, str) else v
             for k, v in values.items()}
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_train_flags(values)
+    cli.check_train_flags(values)
   one_line(error, message.format(root=paths))
 
 
@@ -366,15 +368,15 @@ def test_an_unwritable_workdir(paths, monkeypatch):
   """(Checked through os.access: permissions do not bind the root user.)"""
   monkeypatch.setattr(os, 'access', lambda path, mode: False)
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_train_flags({'workdir': f'{paths}/a_dir/run'})
+    cli.check_train_flags({'workdir': f'{paths}/a_dir/run'})
   one_line(error, f'--workdir={paths}/a_dir/run: {paths}/a_dir is not writable')
 
 
 def test_every_flag_has_a_rule():
   """Every flag an entry point defines has a rule (cli's --verbose aside)."""
-  tables = {'train.py': flag_ranges.TRAIN_FLAGS, 'sample.py': flag_ranges.SAMPLE_FLAGS,
-            'tokcom_jax/evaluate.py': flag_ranges.EVALUATE_FLAGS,
-            'tokcom_jax/resilience.py': flag_ranges.RESILIENCE_FLAGS}
+  tables = {'train.py': cli.TRAIN_FLAGS, 'sample.py': cli.SAMPLE_FLAGS,
+            'tokcom_jax/evaluate.py': cli.EVALUATE_FLAGS,
+            'tokcom_jax/resilience.py': cli.RESILIENCE_FLAGS}
   for path, table in tables.items():
     defined = {node.args[0].value for node in ast.walk(ast.parse(
         (REPO / path).read_text())) if isinstance(node, ast.Call)
@@ -394,11 +396,11 @@ def test_sampling_flags_beyond_what_the_run_has(runs):
   before = snapshot(*runs)
   config = run_config(runs[1])
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_sampling_for_run({'top_k': 10 ** 8}, config, runs[1])
+    cli.check_sampling_for_run({'top_k': 10 ** 8}, config, runs[1])
   one_line(error, f'--top_k=100000000: must be at most the 384 tokens of the'
            f' vocabulary of {runs[1]}')
   with pytest.raises(ConfigError) as error:
-    flag_ranges.check_sampling_for_run({'num_chunks': 9}, config, runs[1])
+    cli.check_sampling_for_run({'num_chunks': 9}, config, runs[1])
   one_line(error, '--num_chunks=9: must be between 1 and 8', '(pass --num_chunks=8)')
   assert snapshot(*runs) == before
 

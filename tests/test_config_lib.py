@@ -1,7 +1,7 @@
 import pytest
 
 from configs import tiny, v52
-from tokcom_jax import config_lib
+from tokcom_jax.errors import ConfigError
 
 
 def test_v52_has_the_original_recipe():
@@ -39,7 +39,7 @@ def test_modifiers_by_short_and_dotted_names():
     ('vae,compute_dtype=float16', 'compute_dtype'),
 ])
 def test_bad_arguments_fail_with_one_line(arg, message):
-  with pytest.raises(config_lib.ConfigError, match=message) as info:
+  with pytest.raises(ConfigError, match=message) as info:
     v52.get_config(arg)
   assert '\n' not in str(info.value)
 
@@ -60,5 +60,5 @@ def test_one_switch_brings_back_the_v52_recipe():
   assert tiny.get_config('diffusion').flow.order == 'chunkwise'
   # Modifiers after the switch still apply on top of it.
   assert tiny.get_config('diffusion,recipe=v52,noise_std=0.2').flow.noise_std == 0.2
-  with pytest.raises(config_lib.ConfigError, match="recipe='x': use one of"):
+  with pytest.raises(ConfigError, match="recipe='x': use one of"):
     tiny.get_config('diffusion,recipe=x')

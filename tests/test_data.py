@@ -1,14 +1,15 @@
 import numpy as np
 import pytest
 
-from tokcom_jax import data, sources, tokenizer
+from tokcom_jax.data import batches, sources, tokenizer
+from tokcom_jax.errors import DataError
 
 
 def test_train_order_is_a_pure_function_of_seed_and_step():
-  a = [data.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
-  b = [data.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
+  a = [batches.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
+  b = [batches.train_indices(s, seed=3, num_windows=50, global_batch=8) for s in range(12)]
   np.testing.assert_array_equal(np.stack(a), np.stack(b))
-  other = data.train_indices(0, seed=4, num_windows=50, global_batch=8)
+  other = batches.train_indices(0, seed=4, num_windows=50, global_batch=8)
   assert not np.array_equal(a[0], other)
   # One epoch (6 steps of 8 out of 50 windows) never repeats a window, and the next
   # epoch is a different permutation.
@@ -18,12 +19,12 @@ def test_train_order_is_a_pure_function_of_seed_and_step():
 
 
 def test_windows_and_eval_indices():
-  w = data.Windows(np.arange(23, dtype=np.uint16), 5)
+  w = batches.Windows(np.arange(23, dtype=np.uint16), 5)
   assert w.num_windows == 4
   np.testing.assert_array_equal(w.get(np.array([2, 0])), [[10, 11, 12, 13, 14],
                                                           [0, 1, 2, 3, 4]])
   assert w.get(np.array([1])).dtype == np.int32
-  np.testing.assert_array_equal(data.eval_indices(1, 4, 3), [3, 0, 1])
+  np.testing.assert_array_equal(batches.eval_indices(1, 4, 3), [3, 0, 1])
 
 
 def test_bpe_round_trips_text():
@@ -42,11 +43,11 @@ def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
     (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
   source = f'files:{corpus}/*.txt'
   tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
-  stream = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+  stream = batches.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   assert stream.size > 0 and int(np.sum(stream == tok.eos_token_id)) == 5
-  monkeypatch.setattr(data, 'iter_documents',
+  monkeypatch.setattr(batches, 'iter_documents',
                       lambda *a, **k: pytest.fail('the cache was not reused'))
-  again = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+  again = batches.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   assert isinstance(again, np.memmap)
   np.testing.assert_array_equal(again, stream)
   assert not list((tmp_path / 'cache').glob('*.tmp'))
@@ -73,7 +74,7 @@ def test_files_source_skips_non_utf8_files_by_name(tmp_path, caplog):
     ('s3:bucket', 'unknown data source'),
 ])
 def test_bad_sources(source, message):
-  with pytest.raises(data.DataError, match=message):
+  with pytest.raises(DataError, match=message):
     list(sources.iter_documents(source, 'train'))
 
 
@@ -85,7 +86,7 @@ def test_stdlib_source_finds_the_standard_library():
 
 def test_offline_hub_tokenizer_names_the_alternative(monkeypatch):
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-  with pytest.raises(data.DataError, match='configs/tiny.py') as e:
+  with pytest.raises(DataError, match='configs/tiny.py') as e:
     tokenizer.load_tokenizer('meta-llama/CodeLlama-7b-hf')
   assert '\n' not in str(e.value)
 
@@ -122,7 +123,7 @@ def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
   assert sorted(validation) == sorted(docs[n] for n in expected)
   tok = tokenizer.train_bpe(train, vocab_size=300)
   for root in (tmp_path / 'a', tmp_path / 'deeper' / 'copy' / 'b'):
-    streams.append(np.asarray(data.load_token_stream(
+    streams.append(np.asarray(batches.load_token_stream(
         f'files:{root}/**/*.py', 'validation', tok, tmp_path / 'cache')))
   np.testing.assert_array_equal(streams[0], streams[1])
   assert streams[0].size > 0
@@ -135,12 +136,12 @@ def test_a_changed_file_makes_a_new_token_cache(tmp_path):
     (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
   source = f'files:{corpus}/*.txt'
   tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
-  before = np.asarray(data.load_token_stream(source, 'train', tok, tmp_path / 'c'))
+  before = np.asarray(batches.load_token_stream(source, 'train', tok, tmp_path / 'c'))
   (corpus / 'doc1.txt').write_text('a different text ' * 30)
-  after = np.asarray(data.load_token_stream(source, 'train', tok, tmp_path / 'c'))
+  after = np.asarray(batches.load_token_stream(source, 'train', tok, tmp_path / 'c'))
   assert len(list((tmp_path / 'c').glob('*.npy'))) == 2
   assert not np.array_equal(before, after)
-  np.testing.assert_array_equal(after, data.tokenize_to_stream(
+  np.testing.assert_array_equal(after, batches.tokenize_to_stream(
       sources.iter_documents(source, 'train'), tok))
 
 

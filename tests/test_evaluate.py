@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +29,7 @@ def test_evaluate_a_run(runs, ar_run):
   for key in ('gen_distinct_2', 'gen_distinct_3', 'gen_repeat_4gram_rate',
               'gen_roundtrip_token_accuracy'):
     assert 0.0 <= result[key] <= 1.0, key
-  assert result['gen_unigram_entropy'] > 0 and result['seconds_per_sample'] > 0
+  assert result['gen_token_id_entropy'] > 0 and result['seconds_per_sample'] > 0
   assert result['gen_frechet_latent_distance'] >= 0
   assert sorted(os.path.basename(p) for p in result['plots']) == [
       'decodability.png', 'diffusion_loss.png', 'generation_quality.png',

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from tokcom_jax import data, files, metrics_log, sources, tokenizer
+from tokcom_jax.data import batches, sources, tokenizer
+from tokcom_jax.storage import files
+from tokcom_jax.training import metrics_log
 
 
 @pytest.fixture
@@ -47,33 +49,33 @@ def damage(path, how: str):
 def test_a_damaged_token_cache_is_rebuilt_with_one_warning(corpus, tmp_path, caplog,
                                                            how, reason):
   source, tok = corpus
-  first = np.array(data.load_token_stream(source, 'train', tok, tmp_path / 'cache'))
+  first = np.array(batches.load_token_stream(source, 'train', tok, tmp_path / 'cache'))
   (path,) = (tmp_path / 'cache').glob('*.npy')
   damage(path, how)
-  assert data.cache_problem(path) is not None
+  assert batches.cache_problem(path) is not None
   with caplog.at_level('WARNING'):
-    again = data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+    again = batches.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   np.testing.assert_array_equal(again, first)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
   assert len(warnings) == 1, warnings
   assert warnings[0].startswith(f'token cache {path} is damaged (')
   assert warnings[0].endswith('): building it again')
   assert re.search(reason, warnings[0]), warnings[0]
-  assert data.cache_problem(path) is None
+  assert batches.cache_problem(path) is None
   assert sorted(os.listdir(tmp_path / 'cache')) == [path.name]  # no temporary left
   caplog.clear()
-  data.load_token_stream(source, 'train', tok, tmp_path / 'cache')
+  batches.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   assert not caplog.records  # whole again: read, not rebuilt
 
 
 def test_a_touched_file_changes_the_cache_key(corpus, tmp_path):
   """Names, sizes and modification times are the key: same bytes, new mtime."""
   source, tok = corpus
-  before = data.cache_path(tmp_path, source, 'train', tok)
+  before = batches.cache_path(tmp_path, source, 'train', tok)
   doc = tmp_path / 'corpus' / 'doc0.txt'
   stat = doc.stat()
   os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-  assert data.cache_path(tmp_path, source, 'train', tok) != before
+  assert batches.cache_path(tmp_path, source, 'train', tok) != before
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tmp_path):

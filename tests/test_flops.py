@@ -3,7 +3,8 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tokcom_jax import flops, stages
+from tokcom_jax import stages
+from tokcom_jax.models import flops
 
 
 def one_layer(*switches, **extra):

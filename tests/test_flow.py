@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokcom_jax import dit, flow
+from tokcom_jax.models import dit, flow, samplers
 
 
 def test_interpolate_endpoints_and_midpoint():
@@ -43,16 +43,16 @@ def test_loss_reports_ce_and_mse_separately():
 def test_euler_sampler_with_oracle_lands_exactly_on_x1(steps):
   x1 = jax.random.normal(jax.random.key(0), (2, 5, 3))
   x0 = 0.05 * jax.random.normal(jax.random.key(1), (2, 5, 3))
-  out = jax.jit(lambda x0, s: flow.euler_sample(lambda x_t, t, *_: x1, x0, s))(x0, steps)
+  out = jax.jit(lambda x0, s: samplers.euler_sample(lambda x_t, t, *_: x1, x0, s))(x0, steps)
   np.testing.assert_array_equal(out, x1)
 
 
 def test_euler_sampler_follows_the_straight_path():
   # With a constant prediction c, after k of n steps x = (1 - k/n)·x0 + (k/n)·c.
   x0, c = jnp.zeros((1, 1, 1)), jnp.ones((1, 1, 1))
-  out = flow.euler_sample(lambda x, t, *_: c, x0, 4)
+  out = samplers.euler_sample(lambda x, t, *_: c, x0, 4)
   np.testing.assert_allclose(out, 1.0)
-  half = flow.euler_sample(lambda x, t, *_: jnp.where(t[:, None, None] < 0.5, c, x), x0, 4)
+  half = samplers.euler_sample(lambda x, t, *_: jnp.where(t[:, None, None] < 0.5, c, x), x0, 4)
   np.testing.assert_allclose(half, 0.5, rtol=1e-6)  # stops moving at t = 0.5
 
 
@@ -63,7 +63,7 @@ def test_one_compile_serves_any_number_of_steps():
   @jax.jit
   def sample(x0, steps):
     traces.append(None)
-    return flow.euler_sample(oracle, x0, steps)
+    return samplers.euler_sample(oracle, x0, steps)
   x0 = jnp.zeros((2, 4, 3))
   for steps in (1, 7, 50):
     np.testing.assert_array_equal(sample(x0, steps), 1.0)
@@ -76,7 +76,7 @@ def test_known_latents_end_exactly_at_their_values(steps):
   known = jax.random.normal(jax.random.key(2), (2, 6, 3))
   mask = jnp.array([[True, True, False, False, False, False]] * 2)
   model_guess = jax.random.normal(jax.random.key(3), (2, 6, 3))
-  out = flow.euler_sample(lambda x_t, t, *_: model_guess, x0, steps, known_mask_BN=mask, known_BNZ=known)
+  out = samplers.euler_sample(lambda x_t, t, *_: model_guess, x0, steps, known_mask_BN=mask, known_BNZ=known)
   np.testing.assert_array_equal(out[:, :2], known[:, :2])
   np.testing.assert_array_equal(out[:, 2:], model_guess[:, 2:])
 
@@ -90,7 +90,7 @@ def test_known_latents_ride_their_interpolation_path():
     inputs.append(x_t)
     return jnp.zeros_like(x_t)
   with jax.disable_jit():
-    flow.euler_sample(model, x0, 4, known_mask_BN=mask, known_BNZ=known)
+    samplers.euler_sample(model, x0, 4, known_mask_BN=mask, known_BNZ=known)
   held = [float(x[0, 0, 0]) for x in inputs]
   assert held == [0.0, 1.0, 2.0, 3.0]  # (1-t)·0 + t·4 at t = 0, 1/4, 2/4, 3/4
 
@@ -112,14 +112,14 @@ def test_euler_with_the_analytic_predictor_reproduces_the_data_distribution():
   mean = jnp.array([1.5, -2.0, 0.0])
   var = jnp.array([0.25, 4.0, 1.0])
   x0 = flow.sample_noise(jax.random.key(0), (4000, 8, 3), 1.0)
-  x = flow.euler_sample(gaussian_predictor(mean, var, 1.0), x0, 400).reshape(-1, 3)
+  x = samplers.euler_sample(gaussian_predictor(mean, var, 1.0), x0, 400).reshape(-1, 3)
   np.testing.assert_allclose(x.mean(0), mean, atol=0.03)
   np.testing.assert_allclose(x.var(0), var, rtol=0.03)
 
 
 def variance_ratio(noise_std, steps, shift, std=0.6):
   x0 = flow.sample_noise(jax.random.key(0), (4000, 8, 3), noise_std)
-  x = flow.euler_sample(gaussian_predictor(0.0, std ** 2, noise_std), x0, steps,
+  x = samplers.euler_sample(gaussian_predictor(0.0, std ** 2, noise_std), x0, steps,
                         shift=shift)
   return float(x.var() / std ** 2)
 
@@ -193,7 +193,7 @@ def chained_oracle(x_t, t, x1_prev, clean):
 @pytest.mark.parametrize('steps', [1, 3, 50])
 def test_chunkwise_sampler_builds_each_chunk_on_the_finished_ones(steps):
   x0 = jax.random.normal(jax.random.key(0), (2, 5, 3))
-  out = jax.jit(lambda x0, s: flow.chunkwise_sample(chained_oracle, x0, s))(x0, steps)
+  out = jax.jit(lambda x0, s: samplers.chunkwise_sample(chained_oracle, x0, s))(x0, steps)
   expected = jnp.broadcast_to(jnp.arange(1.0, 6.0)[None, :, None], (2, 5, 3))
   np.testing.assert_allclose(out, expected, rtol=1e-6)
 
@@ -208,7 +208,7 @@ def test_chunkwise_sampler_times_and_held_chunks():
   x0 = jnp.zeros((1, 3, 1))
   known = jnp.full((1, 3, 1), 10.0)
   with jax.disable_jit():
-    out = flow.chunkwise_sample(model, x0, 2, known_mask_BN=jnp.array([[True, False, False]]),
+    out = samplers.chunkwise_sample(model, x0, 2, known_mask_BN=jnp.array([[True, False, False]]),
                                 known_BNZ=known)
   np.testing.assert_allclose(out[0, :, 0], [10.0, 11.0, 12.0])
   np.testing.assert_allclose(np.stack(seen), [[1.0, 0.0, 0.0], [1.0, 0.5, 0.0],
@@ -217,10 +217,10 @@ def test_chunkwise_sampler_times_and_held_chunks():
 
 def test_generate_follows_the_configured_order():
   x0 = jnp.zeros((1, 3, 1))
-  out = flow.generate(chained_oracle, x0, 4, flow.FlowConfig(order='chunkwise'))
+  out = samplers.generate(chained_oracle, x0, 4, flow.FlowConfig(order='chunkwise'))
   np.testing.assert_allclose(out[0, :, 0], [1.0, 2.0, 3.0])
   # All at once: one ODE, the model called without clean latents.
-  parallel = flow.generate(lambda x, t, prev: jnp.full_like(x, 7.0), x0, 4,
+  parallel = samplers.generate(lambda x, t, prev: jnp.full_like(x, 7.0), x0, 4,
                            flow.FlowConfig())
   np.testing.assert_allclose(parallel[0, :, 0], 7.0)
 
@@ -232,7 +232,7 @@ def test_chunkwise_refine_runs_only_while_its_chunks_are_generated():
     return x1 + 100.0  # would move every chunk if it ran
   x0 = jnp.zeros((1, 3, 1))
   with jax.disable_jit():
-    out = flow.chunkwise_sample(chained_oracle, x0, 2, refine=refine,
+    out = samplers.chunkwise_sample(chained_oracle, x0, 2, refine=refine,
                                 refine_chunks_N=jnp.array([False, True, False]))
   assert len(calls) == 2  # the two steps of chunk 1 only
   np.testing.assert_allclose(out[0, :, 0], [1.0, 102.0, 103.0])
@@ -257,11 +257,11 @@ def test_the_cached_chunkwise_sampler_equals_the_full_one(scan):
   sample = jax.jit(lambda sampler, s: sampler(model, x0, s, shift=2.0,
                                               known_mask_BN=held, known_BNZ=known),
                    static_argnums=0)
-  full, cached = sample(flow.chunkwise_sample, 3), sample(flow.cached_chunkwise_sample, 3)
+  full, cached = sample(samplers.chunkwise_sample, 3), sample(samplers.cached_chunkwise_sample, 3)
   np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(cached[0, 1], known[0, 1])
   assert float(jnp.abs(full[1] - full[0]).max()) > 0.1  # rows differ: a real sample
-  via_generate = flow.generate(model, x0, 3, flow.FlowConfig(order='chunkwise',
+  via_generate = samplers.generate(model, x0, 3, flow.FlowConfig(order='chunkwise',
                                                              sample_shift=2.0),
                                known_mask_BN=held, known_BNZ=known)
   np.testing.assert_allclose(via_generate, cached, rtol=1e-4, atol=1e-3)

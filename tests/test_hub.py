@@ -9,8 +9,9 @@ import types
 
 import pytest
 
-from tokcom_jax import sources, tokenizer
+from tokcom_jax.data import hub, sources, tokenizer
 from tokcom_jax.errors import DataError
+
 
 CODELLAMA = 'meta-llama/CodeLlama-7b-hf'
 PROXY_VARIABLES = ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy')
@@ -33,7 +34,7 @@ def raised_by_transformers(cause: Exception) -> OSError:
 @pytest.fixture
 def hub_up(monkeypatch):
   """The reachability check says yes (tokenizer.py imports it by name)."""
-  for module in (sources, tokenizer):
+  for module in (hub, tokenizer):
     monkeypatch.setattr(module, 'hub_reachable', lambda: True)
 
 
@@ -66,7 +67,7 @@ def test_a_gated_or_unauthorised_tokenizer_says_log_in_and_accept_the_licence(
 
 def test_an_unreachable_hub_names_the_proxy_setting_and_the_offline_config(
     monkeypatch):
-  for module in (sources, tokenizer):
+  for module in (hub, tokenizer):
     monkeypatch.setattr(module, 'hub_reachable', lambda: False)
   message = load_tokenizer_error(monkeypatch, OSError("We couldn't connect"))
   assert '\n' not in message and 'refused' not in message
@@ -77,8 +78,8 @@ def test_an_unreachable_hub_names_the_proxy_setting_and_the_offline_config(
 def test_another_hub_failure_points_to_verbose_and_offline(monkeypatch, hub_up):
   message = load_tokenizer_error(monkeypatch, ValueError('a broken tokenizer file'))
   assert message == (f"cannot load tokenizer '{CODELLAMA}' (ValueError): --verbose"
-                     f' shows why; {sources.OFFLINE_HINT}')
-  assert '`--config configs/tiny.py:all`' in sources.OFFLINE_HINT
+                     f' shows why; {hub.OFFLINE_HINT}')
+  assert '`--config configs/tiny.py:all`' in hub.OFFLINE_HINT
 
 
 def test_a_gated_dataset_says_log_in_and_names_its_page(monkeypatch, hub_up):
@@ -130,9 +131,9 @@ def proxy(monkeypatch):
   server.seen = []
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
-  sources.hub_reachable.cache_clear()
+  hub.hub_reachable.cache_clear()
   yield f'http://127.0.0.1:{server.server_address[1]}', server.seen
-  sources.hub_reachable.cache_clear()
+  hub.hub_reachable.cache_clear()
   server.shutdown()
   server.server_close()
 
@@ -140,7 +141,7 @@ def proxy(monkeypatch):
 def test_the_hub_check_asks_through_https_proxy(monkeypatch, proxy):
   url, seen = proxy
   monkeypatch.setenv('HTTPS_PROXY', url)
-  assert sources.hub_reachable() is False  # this proxy refuses the tunnel
+  assert hub.hub_reachable() is False  # this proxy refuses the tunnel
   assert seen == ['CONNECT huggingface.co:443']
 
 
@@ -148,7 +149,7 @@ def test_the_hub_check_says_yes_when_the_proxy_answers(monkeypatch, proxy):
   url, seen = proxy
   monkeypatch.setenv('HTTP_PROXY', url)
   monkeypatch.setenv('HF_ENDPOINT', 'http://hub.invalid')  # resolvable only by a proxy
-  assert sources.hub_reachable() is True
+  assert hub.hub_reachable() is True
   assert seen == ['HEAD http://hub.invalid']
 
 
@@ -156,4 +157,4 @@ def test_hf_hub_offline_skips_the_check(monkeypatch, proxy):
   url, seen = proxy
   monkeypatch.setenv('HTTPS_PROXY', url)
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-  assert sources.hub_reachable() is False and seen == []
+  assert hub.hub_reachable() is False and seen == []

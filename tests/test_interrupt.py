@@ -12,7 +12,10 @@ import time
 import pytest
 
 from tests import train_fixtures
-from tokcom_jax import checkpoint, metrics_log, train_lib
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.training import metrics_log
+from tokcom_jax.training import trainer as trainer_lib
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # `python train.py …` with Ctrl-C's usual handler, also when the tests run as a
@@ -22,12 +25,6 @@ AS_IN_A_TERMINAL = ('import runpy, signal, sys;'
                     ' sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
 # Far more steps than any test reaches: the run is always stopped by the signal.
 LONG = {'train.vae.num_steps': 100000, 'eval_every': 100000, 'sample_every': 0}
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  return train_fixtures.make_corpus(root / 'text', files=8), str(root / 'cache')
 
 
 def losses(workdir):
@@ -82,11 +79,11 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_from_it(corpus, tmp_
 
   config = train_fixtures.micro_config(*corpus, **LONG)
   interrupted = losses(workdir)
-  train_lib.Trainer(config, str(workdir)).run(stop_after=step + 2)
+  trainer_lib.Trainer(config, str(workdir)).run(stop_after=step + 2)
   resumed = losses(workdir)
   assert sorted(resumed) == list(range(1, step + 3))
   reference = tmp_path / 'reference'
-  train_lib.Trainer(config, str(reference)).run(stop_after=step + 2)
+  trainer_lib.Trainer(config, str(reference)).run(stop_after=step + 2)
   # Bit-identical to a run that was never interrupted, before and after the save.
   assert resumed == losses(reference)
   assert {s: resumed[s] for s in interrupted} == interrupted
@@ -116,8 +113,8 @@ def test_a_preempted_stage_1_ends_all_without_starting_stage_2(corpus, tmp_path,
   monkeypatch.setattr(metrics_log.MetricsLog, 'write', write_then_preempt)
   handler = signal.getsignal(signal.SIGTERM)
   config = train_fixtures.micro_config(*corpus, stage='all')
-  with pytest.raises(train_lib.Stopped) as stopped:
-    train_lib.train(config, str(tmp_path / 'run'))
+  with pytest.raises(trainer_lib.Stopped) as stopped:
+    trainer_lib.train(config, str(tmp_path / 'run'))
   assert stopped.value.exit_code == 143
   assert str(stopped.value) == (f'preempted: saved step 3 to {tmp_path}/run/vae/'
                                 'checkpoints/3; run the same command to resume.')

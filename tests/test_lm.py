@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from tokcom_jax import lm
-from tokcom_jax.decoding import choose_tokens
+from tokcom_jax.models import lm
+from tokcom_jax.models.decoding import choose_tokens
 
 B, S, V, D = 2, 12, 64, 32
 

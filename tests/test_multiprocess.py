@@ -1,4 +1,6 @@
-"""Runs that need a fresh JAX: several CPU devices, several processes (gloo)."""
+"""Runs that need a fresh JAX: several CPU devices, several processes (gloo).
+
+Every test here starts processes (`slow`)."""
 
 import json
 import os
@@ -11,7 +13,12 @@ import numpy as np
 import pytest
 
 from tests import train_fixtures
-from tokcom_jax import checkpoint, train_lib, train_state
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.training import train_state
+from tokcom_jax.training import trainer as trainer_lib
+
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, 'train.py')
@@ -29,15 +36,9 @@ def assert_same_losses(a, b):
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
-
-
-@pytest.fixture(scope='module')
 def one_device_run(corpus, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('one') / 'vae')
-  train_lib.Trainer(train_fixtures.micro_config(*corpus), workdir).run()
+  trainer_lib.Trainer(train_fixtures.micro_config(*corpus), workdir).run()
   return workdir
 
 
@@ -73,18 +74,22 @@ def test_four_devices_match_one(one_device_run, four_device_run):
   assert_same_losses(losses(four_device_run), losses(one_device_run))
 
 
-def test_two_processes_match_one_process_and_share_checkpoints(
+def test_two_processes_resume_one_process_match_it_and_share_checkpoints(
     corpus, one_device_run, four_device_run, tmp_path):
-  flags = train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2})
+  """1 process stops at step 4; 2 processes of 2 devices (a 2x2 mesh) resume it and
+  finish: the losses are one process's, the parameters four devices', and 1 process
+  on 1 device reads what the 2 processes wrote."""
+  config = train_fixtures.micro_config(*corpus)
   two = str(tmp_path / 'two')
-  outs = run_two_processes(two, flags)
+  trainer_lib.Trainer(config, two).run(stop_after=4)
+  outs = run_two_processes(two, train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2}))
+  assert_same_losses(losses(two), losses(one_device_run))
   assert_same_losses(losses(two), losses(four_device_run))
   assert len(open(os.path.join(two, 'metrics.jsonl')).readlines()) == 8 + 2
   assert 'vae:' in outs[0][1] and 'vae:' not in outs[1][1]  # one progress bar
 
   # Written by 2 processes on a 2x2 mesh, read by 1 process on 1 device.
-  config = train_fixtures.micro_config(*corpus)
-  trainer = train_lib.Trainer(config, two)
+  trainer = trainer_lib.Trainer(config, two)
   assert trainer._restore() == 8  # fingerprints checked on the way in
   graphdef, abstract = train_state.abstract_params(trainer.stage.build, trainer.mesh)
   four, _, _ = checkpoint.restore_params(four_device_run, abstract, step=8)
@@ -92,19 +97,16 @@ def test_two_processes_match_one_process_and_share_checkpoints(
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                trainer.state['params'], four)
 
-  # And the reverse: 1 process stops at step 4, 2 processes finish the run.
-  rev = str(tmp_path / 'rev')
-  train_lib.Trainer(config, rev).run(stop_after=4)
-  run_two_processes(rev, flags)
-  assert_same_losses(losses(rev), losses(one_device_run))
-
 
 def test_fsdp_divides_state_bytes_per_device():
   """The memory report on 8 fake CPU devices: (8 data), (8 fsdp), (2 data x 4 fsdp)."""
   out = subprocess.run(
       [sys.executable, '-m', 'tokcom_jax.memory',
        f'--config={os.path.join(REPO, "configs", "tiny.py")}:diffusion',
-       '--mesh=8x1,1x8,2x4'], capture_output=True, text=True, cwd=REPO,
+       # The tiny widths, one layer per stack: the same shardings, a quarter of the
+       # graph to compile.
+       '--config.dit.num_layers=1', '--config.vae.encoder_layers=1',
+       '--config.vae.decoder_layers=1', '--mesh=8x1,1x8,2x4'], capture_output=True, text=True, cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert out.returncode == 0, out.stderr[-2000:]
   rows = {r['mesh']: r for r in map(json.loads, out.stdout.splitlines())}

@@ -1,8 +1,10 @@
-"""The package's shape: no import circle among its modules, files short enough to
-read, and stage-specific code in the stage files only."""
+"""The package's shape: no import circle among its modules, imports that run one way
+through its layers, files short enough to read, and stage-specific code in the stage
+files only."""
 
 import ast
 import pathlib
+
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'tokcom_jax'
 MAX_LINES = 320
@@ -69,17 +71,56 @@ def test_the_package_imports_form_no_circle():
   assert find_cycle(graph) is None, ' → '.join(find_cycle(graph))
 
 
-def test_no_module_below_the_trainer_imports_a_stage():
-  """The trainer, evaluation, sampling and reports may use stages; the library
-  beneath them (layers, models, data, sharding, checkpoints, steps) may not."""
+# The layers, lowest first: a module imports its own layer and those below only.
+LAYERS = ('errors', 'models', 'storage', 'data', 'config', 'stages', 'training',
+          'inference', 'evaluation', 'entry points')
+TOP_LEVEL = {'errors': 'errors', 'config_checks': 'config', 'config_lib': 'config',
+             'cli': 'entry points', 'evaluate': 'entry points',
+             'memory': 'entry points', 'resilience': 'entry points'}
+
+
+def layer(module: str) -> str:
+  """'tokcom_jax.models.vae' → 'models'; the package itself is an entry point."""
+  parts = module.split('.')
+  if len(parts) == 1:
+    return 'entry points'
+  return TOP_LEVEL.get(parts[1], parts[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+  rank = lambda m: LAYERS.index(layer(m))
+  return [f'{m} -> {i}' for m, imports in sorted(graph.items())
+          for i in sorted(imports) if rank(i) > rank(m)]
+
+
+def test_upward_imports_finds_a_planted_one():
+  assert upward_imports({'tokcom_jax.models.vae': {'tokcom_jax.training.steps'},
+                         'tokcom_jax.training.steps': {'tokcom_jax.models.vae'}}) == [
+      'tokcom_jax.models.vae -> tokcom_jax.training.steps']
+
+
+def test_every_module_sits_in_a_named_layer_and_imports_only_downward():
   graph = import_graph()
-  above = {'tokcom_jax.train_lib', 'tokcom_jax.memory', 'tokcom_jax.evaluate',
-           'tokcom_jax.lm_sampling',
-           'tokcom_jax.sampling', 'tokcom_jax.resilience', 'tokcom_jax.stages'}
+  assert {layer(m) for m in graph} == set(LAYERS), 'a module outside the layers'
+  assert upward_imports(graph) == []
+
+
+def test_model_code_imports_only_models_and_errors():
+  for module, imports in import_graph().items():
+    if layer(module) == 'models':
+      assert {layer(i) for i in imports} <= {'models', 'errors'}, module
+
+
+def test_below_the_trainer_nothing_picks_a_stage_by_name():
+  """The stage registry (`tokcom_jax.stages`) is read by the trainer and the layers
+  above it; training's other modules know only the interface (`stages.base`)."""
+  graph = import_graph()
   for module, imports in graph.items():
-    if module in above or module.startswith('tokcom_jax.stages.'):
-      continue
-    assert not {i for i in imports if i.startswith('tokcom_jax.stages')}, module
+    if LAYERS.index(layer(module)) <= LAYERS.index('training') and (
+        module != 'tokcom_jax.training.trainer'):
+      named = {i for i in imports if i.startswith('tokcom_jax.stages')}
+      allowed = {'tokcom_jax.stages.base'} if layer(module) != 'stages' else named
+      assert named <= allowed, module
 
 
 def test_files_stay_short():

@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 
 import tokcom_jax
-from tokcom_jax import (checkpoint, config_lib, evaluate, portable, sampling, train_lib,
-                        train_state)
+from tokcom_jax import config_lib, evaluate
+from tokcom_jax import stages
 from tokcom_jax.errors import CheckpointError
+from tokcom_jax.storage import checkpoint, portable
+from tokcom_jax.training import sharding
+from tokcom_jax.training import train_state
+from tokcom_jax.training import trainer as trainer_lib
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +54,7 @@ def other_vae(runs, workdir, step: int):
   """A VAE of the same shapes, seed 1 and untrained, saved as step `step`."""
   config = config_lib.from_dict(checkpoint.read_meta(runs[0])[1]['config'])
   config.seed = 1
-  trainer = train_lib.Trainer(config, str(workdir))
+  trainer = trainer_lib.Trainer(config, str(workdir))
   trainer._save(step)
   trainer.ckpt.wait_until_finished()
   trainer.ckpt.close()
@@ -134,7 +139,7 @@ def test_a_resumed_stage2_run_refuses_a_changed_vae(runs, wrong):
       rf'trained on vae step {vae_step(runs)} \(fingerprint {fingerprint(runs[0])}\),'
       rf' but {wrong}/vae now gives step {vae_step(runs)} \(fingerprint'
       rf' {fingerprint(wrong / "vae")}\)')):
-    train_lib.Trainer(config, str(wrong / 'diffusion')).run()
+    trainer_lib.Trainer(config, str(wrong / 'diffusion')).run()
 
 
 def test_runs_written_before_fingerprints_still_load(runs, moved, tmp_path, monkeypatch,
@@ -153,7 +158,7 @@ def test_runs_written_before_fingerprints_still_load(runs, moved, tmp_path, monk
   monkeypatch.setattr(checkpoint, 'read_meta', old_meta)
   shutil.rmtree(moved / 'diffusion' / 'tokenizer')  # old runs had none of their own
   with caplog.at_level('WARNING'):
-    model = sampling.load(str(moved / 'diffusion'))
+    model = tokcom_jax.load(str(moved / 'diffusion'))
   assert model.vae_workdir == str(moved / 'vae')
   assert 'records no fingerprint of its vae' in caplog.text
   assert model.generate(1, steps=2) == tokcom_jax.load(runs[1]).generate(1, steps=2)
@@ -197,9 +202,9 @@ def test_evaluate_on_a_read_only_run_returns_its_results_and_names_what_it_could
 def test_a_changed_model_config_is_named_before_anything_is_read(runs):
   config = config_lib.from_dict(checkpoint.read_meta(runs[0])[1]['config'])
   config.vae.latent_dim = 8
-  mesh = sampling.sharding.make_mesh(-1, 1)
+  mesh = sharding.make_mesh(-1, 1)
   _, abstract = train_state.abstract_params(
-      sampling.stages.get(config, 'vae').build, mesh)
+      stages.get(config, 'vae').build, mesh)
   with pytest.raises(CheckpointError, match=r'step \d+: it holds params/from_latent/'
                      r'kernel of shape \(16, 64\), this config builds \(8, 64\)\. If'):
     checkpoint.restore_params(runs[0], abstract)

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tokcom_jax import flow, stages
+from tokcom_jax import stages
+from tokcom_jax.models import flow
+
 
 SMALL = ('vae,max_length=16,vae.hidden_size=32,vae.intermediate_size=64,'
          'vae.latent_dim=8,dit.hidden_size=32,dit.num_layers=1,'
@@ -26,7 +28,7 @@ def test_no_prior_no_parameters_and_the_loss_of_before():
   _, stage, model = build(0.0)
   assert not hasattr(model, 'prior')
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
-  _, metrics = stage.loss(model, {}, tokens, jax.random.key(1))
+  _, metrics = nnx.jit(lambda m: stage.loss(m, {}, tokens, jax.random.key(1)))(model)
   assert 'prior_mse' not in metrics
   np.testing.assert_allclose(metrics['loss'], metrics['ce'], rtol=1e-6)
 
@@ -42,13 +44,16 @@ def test_the_prior_loss_reaches_the_encoder_and_trains_the_prior(order):
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
   graphdef, params = nnx.split(model, nnx.Param)
 
-  def part(params, which):
-    m = nnx.merge(graphdef, params)
-    _, metrics = stage.loss(m, {}, tokens, jax.random.key(1))
-    return metrics[which]
+  @jax.jit  # one compiled call: both gradients and the metrics
+  def grads_and_metrics(params):
+    def part(params, which):
+      m = nnx.merge(graphdef, params)
+      _, metrics = stage.loss(m, {}, tokens, jax.random.key(1))
+      return metrics[which]
+    _, metrics = stage.loss(nnx.merge(graphdef, params), {}, tokens, jax.random.key(1))
+    return jax.grad(part)(params, 'prior_mse'), jax.grad(part)(params, 'ce'), metrics
 
-  prior_grads = jax.grad(part)(params, 'prior_mse')
-  ce_grads = jax.grad(part)(params, 'ce')
+  prior_grads, ce_grads, metrics = grads_and_metrics(params)
   norm = lambda tree: float(optax.tree.norm(tree))
   # The prior's MSE moves the encoder (through both its input and its target) and
   # the prior itself; the reconstruction CE never touches the prior.
@@ -57,7 +62,6 @@ def test_the_prior_loss_reaches_the_encoder_and_trains_the_prior(order):
   assert norm(ce_grads['prior']) == 0.0
   # ... and nothing of the decoder.
   assert norm(prior_grads['decoder']) == 0.0
-  _, metrics = stage.loss(model, {}, tokens, jax.random.key(1))
   np.testing.assert_allclose(metrics['loss'], metrics['ce'] + 0.5 * metrics['prior_mse'],
                              rtol=1e-6)
 
@@ -67,34 +71,39 @@ def test_the_prior_mse_is_the_flow_loss_of_the_latent_means():
   prior of a trained VAE tells how well a flow model of its size can predict it."""
   config, stage, model = build(1.0)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
-  _, metrics = stage.loss(model, {}, tokens, None)
-  mean_BNZ = model.encode(tokens)[0]
-  key = jax.random.key(stages.vae.PRIOR_EVAL_KEY)
-  pred, _ = flow.noised_prediction(model.prior, mean_BNZ, key,
-                                   flow.FlowConfig.from_config(config))
-  np.testing.assert_allclose(metrics['prior_mse'],
-                             jnp.mean(jnp.square(pred - mean_BNZ)), rtol=1e-6)
+
+  @nnx.jit
+  def loss_and_by_hand(model):
+    _, metrics = stage.loss(model, {}, tokens, None)
+    mean_BNZ = model.encode(tokens)[0]
+    key = jax.random.key(stages.vae.PRIOR_EVAL_KEY)
+    pred, _ = flow.noised_prediction(model.prior, mean_BNZ, key,
+                                     flow.FlowConfig.from_config(config))
+    return metrics, jnp.mean(jnp.square(pred - mean_BNZ))
+
+  metrics, by_hand = loss_and_by_hand(model)
+  np.testing.assert_allclose(metrics['prior_mse'], by_hand, rtol=1e-6)
   assert 0.2 < float(metrics['prior_mse']) < 5.0  # an untrained prior: about 1
 
 
-def test_stage_two_reads_a_vae_with_a_prior_and_samples(tmp_path):
+def test_stage_two_reads_a_vae_with_a_prior_and_samples(corpus, tmp_path):
   """The prior's parameters live in the VAE's checkpoint: the frozen VAE of stage 2
   and sampling restore them with the rest, and training lowers the prior's MSE."""
   import json
   from tests import train_fixtures
-  from tokcom_jax import sampling, train_lib
-  source = train_fixtures.make_corpus(tmp_path / 'corpus', files=10)
-  cache = str(tmp_path / 'cache')
+  import tokcom_jax
+  from tokcom_jax.training import trainer as trainer_lib
+  source, cache = corpus
   prior = {'vae.prior_weight': 1.0, 'train.vae.num_steps': 12, 'eval_every': 6}
-  train_lib.Trainer(train_fixtures.micro_config(source, cache, **prior),
+  trainer_lib.Trainer(train_fixtures.micro_config(source, cache, **prior),
                     str(tmp_path / 'vae')).run()
   evals = [json.loads(line) for line in open(tmp_path / 'vae' / 'metrics.jsonl')]
   prior_mse = [e['eval/prior_mse'] for e in evals if 'eval/prior_mse' in e]
   assert len(prior_mse) == 2 and prior_mse[1] < prior_mse[0]
-  train_lib.Trainer(train_fixtures.micro_config(
+  trainer_lib.Trainer(train_fixtures.micro_config(
       source, cache, stage='diffusion', vae_workdir=str(tmp_path / 'vae'),
       **{**prior, 'train.diffusion.num_steps': 2}), str(tmp_path / 'diffusion')).run()
-  model = sampling.load(str(tmp_path / 'diffusion'))
+  model = tokcom_jax.load(str(tmp_path / 'diffusion'))
   assert 'prior' in model.vae_params
   latents, tokens = model.sample(2, steps=2, seed=0)
   assert latents.shape == (2, 8, 8) and tokens.shape == (2, 32)

@@ -33,6 +33,7 @@ from configs import tiny
 from tests import train_fixtures
 from tokcom_jax import config_lib
 
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 README = REPO / 'README.md'
 # The micro config of train_fixtures, with the ar stage made as small.
@@ -234,7 +235,7 @@ def test_constraints_pin_every_requirement_exactly():
 def test_wandb_goes_online_only_with_an_api_key(monkeypatch, tmp_path, caplog):
   import wandb
 
-  from tokcom_jax import metrics_log
+  from tokcom_jax.training import metrics_log
   monkeypatch.setenv('HOME', str(tmp_path))
   for name in ('WANDB_API_KEY', 'WANDB_MODE'):
     monkeypatch.delenv(name, raising=False)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tokcom_jax import layers
+from tokcom_jax.models import layers
+
 
 REFERENCE = os.path.join(os.path.dirname(__file__), 'data', 'qwen2_reference.npz')
 TOL = dict(rtol=1e-5, atol=1e-5)

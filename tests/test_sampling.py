@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import tokcom_jax
-from tokcom_jax import decoding, sampling
+from tokcom_jax.errors import SamplingError
+from tokcom_jax.models import decoding
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,24 +122,24 @@ def test_noise_scale_scales_the_starting_noise(runs, monkeypatch):
   assert default == 0.5  # configs/tiny.py
   np.testing.assert_allclose(starts[1], 0.25 / default * starts[0], rtol=1e-6)
   assert float(np.abs(starts[0]).mean()) > 0
-  with pytest.raises(sampling.SamplingError, match='noise_scale'):
+  with pytest.raises(SamplingError, match='noise_scale'):
     model.generate(1, noise_scale=0.0)
 
 
 def test_api_errors(runs):
   vae_only = tokcom_jax.load(runs[0])
-  with pytest.raises(sampling.SamplingError, match='stage-1'):
+  with pytest.raises(SamplingError, match='stage-1'):
     vae_only.generate(1)
   model = tokcom_jax.load(runs[1])
-  with pytest.raises(sampling.SamplingError, match='empty'):
+  with pytest.raises(SamplingError, match='empty'):
     model.encode('   ')
-  with pytest.raises(sampling.SamplingError, match='num_chunks'):
+  with pytest.raises(SamplingError, match='num_chunks'):
     model.generate(1, num_chunks=model.max_chunks + 1)
-  with pytest.raises(sampling.SamplingError, match='steps'):
+  with pytest.raises(SamplingError, match='steps'):
     model.generate(1, steps=0)
-  with pytest.raises(sampling.SamplingError, match='shorten'):
+  with pytest.raises(SamplingError, match='shorten'):
     model.generate(1, prompt='x = 1\n' * 200)
-  with pytest.raises(sampling.SamplingError, match=r'\[N, 16\]'):
+  with pytest.raises(SamplingError, match=r'\[N, 16\]'):
     model.decode(np.zeros((3, 5), np.float32))
 
 

@@ -12,8 +12,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from tokcom_jax import (checkpoint, config_lib, dit, stacks, layers, lm, sharding,
-                        train_state)
+from tokcom_jax import config_lib
+from tokcom_jax.models import dit, stacks, layers, lm
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.training import sharding, train_state
 
 D, T, B = 32, 6, 2
 

@@ -14,8 +14,9 @@ import sys
 import jax
 import pytest
 
-from tokcom_jax import sharding
 from tokcom_jax.errors import ConfigError
+from tokcom_jax.training import sharding
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +29,9 @@ import json
 import jax
 import numpy as np
 from flax import nnx
-from tokcom_jax import layers, sharding
 from tokcom_jax.errors import ConfigError
+from tokcom_jax.models import axes, layers
+from tokcom_jax.training import sharding
 
 
 class Small(nnx.Module):
@@ -38,7 +40,7 @@ class Small(nnx.Module):
     self.w10 = layers.dense(10, 6, ('embed', 'mlp'), dtype=np.float32, rngs=rngs)
     self.down = layers.dense(6, 12, ('mlp', 'embed'), dtype=np.float32,
                              use_bias=True, rngs=rngs)
-    self.norm = nnx.RMSNorm(12, scale_init=layers.partitioned(layers.ones_init,
+    self.norm = nnx.RMSNorm(12, scale_init=axes.partitioned(layers.ones_init,
                                                               'embed'), rngs=rngs)
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tokcom_jax import text_metrics
+from tokcom_jax.evaluation import text_metrics
 
 
 def test_unigram_entropy_in_bits():
@@ -63,7 +63,7 @@ def _brute_kgrams(stream, k):
 
 
 def test_chunk_validity_counts_kgrams_at_any_offset():
-  index = text_metrics.build_chunk_index(_RAMP, 4)
+  index = text_metrics.ChunkIndex(_RAMP, 4)
   assert index.exact and index.k == 4 and len(index) == 97
   # Offset 5 is not a multiple of 4: chunks 5-8, 9-12, 13-16 start mid "block".
   assert text_metrics.chunk_validity(index, [_RAMP[5:17]]) == 1.0
@@ -76,7 +76,7 @@ def test_chunk_validity_counts_kgrams_at_any_offset():
 
 
 def test_chunk_validity_hand_counted_fraction_and_partial_chunks():
-  index = text_metrics.build_chunk_index(_RAMP, 4)
+  index = text_metrics.ChunkIndex(_RAMP, 4)
   # One sequence: 1-4 yes, 9 8 7 6 no, 50-53 yes; trailing 60 61 62 dropped.
   seq = [1, 2, 3, 4, 9, 8, 7, 6, 50, 51, 52, 53, 60, 61, 62]
   assert text_metrics.chunk_validity(index, [seq]) == pytest.approx(2 / 3)
@@ -95,7 +95,7 @@ def test_chunk_validity_hand_counted_fraction_and_partial_chunks():
 def test_chunk_index_rejects_out_of_range_tokens_that_would_alias():
   # Tokens 0..15 pack in 4 bits: (0, 1, 2, 3) -> 0x0123. Unchecked, (0, 0, 18, 3)
   # would pack to 18 << 4 | 3 = 0x123 as well; negative ids must not wrap either.
-  index = text_metrics.build_chunk_index(np.arange(16, dtype=np.uint16), 4)
+  index = text_metrics.ChunkIndex(np.arange(16, dtype=np.uint16), 4)
   assert index.bits == 4
   assert index.contains([[0, 1, 2, 3], [0, 0, 18, 3], [0, 1, 2, -1],
                          [1 << 40, 1, 2, 3]]).tolist() == [True, False, False, False]
@@ -129,7 +129,7 @@ def test_chunk_index_matches_brute_force_across_dtypes(dtype, high, k, exact):
   # The stream is too short to hold all 8**k K-grams: some queries must miss.
   alphabet = np.array([0, 1, 2, 3, high - 4, high - 3, high - 2, high - 1], np.int64)
   stream = alphabet[rng.integers(0, 8, size=8**k // 2)].astype(dtype)
-  index = text_metrics.build_chunk_index(stream, k)
+  index = text_metrics.ChunkIndex(stream, k)
   assert index.exact == exact
   truth = _brute_kgrams(stream, k)
   assert len(index) == len(truth)
@@ -152,7 +152,7 @@ def test_chunk_index_from_memmapped_npy(tmp_path):
 
 
 def test_chunk_index_of_a_stream_shorter_than_k():
-  index = text_metrics.build_chunk_index(np.array([1, 2, 3], np.uint16), 4)
+  index = text_metrics.ChunkIndex(np.array([1, 2, 3], np.uint16), 4)
   assert len(index) == 0
   assert text_metrics.chunk_validity(index, [[1, 2, 3, 4]]) == 0.0
 

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 
 from tests import train_fixtures
-from tokcom_jax import checkpoint, train_lib
+from tokcom_jax.errors import CheckpointError, DataError, TrainingError
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.training import trainer as trainer_lib
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
 
 
 def losses(workdir, key='train/loss'):
@@ -28,7 +25,7 @@ def vae_run(corpus, tmp_path_factory):
   """An uninterrupted 8-step VAE run, shared by the tests below."""
   workdir = str(tmp_path_factory.mktemp('runs') / 'vae')
   config = train_fixtures.micro_config(*corpus, sample_every=1)
-  train_lib.Trainer(config, workdir).run()
+  trainer_lib.Trainer(config, workdir).run()
   return workdir
 
 
@@ -45,12 +42,12 @@ def test_vae_run_writes_metrics_config_tokenizer_and_checkpoints(vae_run):
 
 
 def test_vae_samples_are_reconstructions_of_validation_windows(corpus, vae_run):
-  from tokcom_jax import sampling
+  import tokcom_jax
   rows = [json.loads(l) for l in open(os.path.join(vae_run, 'samples.jsonl'))]
   assert [r['step'] for r in rows] == [8, 8]  # the last step: less than an epoch
   config = train_fixtures.micro_config(*corpus)
-  windows = train_lib.Trainer(config, vae_run).val_windows.get(np.arange(2))
-  model = sampling.load(vae_run)  # the saved checkpoint, through the sampling API
+  windows = trainer_lib.Trainer(config, vae_run).val_windows.get(np.arange(2))
+  model = tokcom_jax.load(vae_run)  # the saved checkpoint, through the sampling API
   model.vae_params, _, _ = checkpoint.restore_params(  # step 8, not the best step
       vae_run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=x.sharding),
@@ -70,17 +67,31 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(corpus, vae_run
                                                                  tmp_path):
   config = train_fixtures.micro_config(*corpus)
   workdir = str(tmp_path / 'vae')
-  train_lib.Trainer(config, workdir).run(stop_after=3)
+  trainer_lib.Trainer(config, workdir).run(stop_after=3)
   assert sorted(losses(workdir)) == [1, 2, 3]
-  train_lib.Trainer(config, workdir).run()  # a new process would do just this
+  trainer_lib.Trainer(config, workdir).run()  # a new process would do just this
   assert losses(workdir) == losses(vae_run)  # bit-identical floats
   assert losses(workdir, 'eval/loss') == losses(vae_run, 'eval/loss')
+
+
+def test_a_run_of_the_same_shapes_reuses_the_traced_steps(corpus, tmp_path):
+  """Runs that differ only in where they live or how often they log, evaluate, sample
+  and save share their jitted steps; a field a step reads (the learning rate) does
+  not."""
+  make = lambda name, **fields: trainer_lib.Trainer(
+      train_fixtures.micro_config(*corpus, **fields), str(tmp_path / name))
+  first = make('a')
+  again = make('b', log_every=2, eval_every=2, sample_every=0, keep_checkpoints=1)
+  other = make('c', **{'train.vae.lr': 5e-3})
+  assert (again.train_step, again.eval_step, again.sample_step) == (
+      first.train_step, first.eval_step, first.sample_step)
+  assert other.train_step is not first.train_step
 
 
 def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_path):
   config = train_fixtures.micro_config(*corpus, stage='diffusion',
                                        vae_workdir=vae_run, sample_every=1)
-  trainer = train_lib.Trainer(config, str(tmp_path / 'diffusion'))
+  trainer = trainer_lib.Trainer(config, str(tmp_path / 'diffusion'))
   before = jax.tree.map(np.asarray, trainer.frozen['vae'])
   trainer.run()
   on_disk, _, _ = checkpoint.restore_params(
@@ -97,8 +108,9 @@ def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_pat
   samples = [json.loads(l) for l in open(tmp_path / 'diffusion' / 'samples.jsonl')]
   assert [s['step'] for s in samples] == [8, 8]
   # The same generations through the sampling API, from the step-8 checkpoint.
-  from tokcom_jax import flow, sampling
-  model = sampling.load(str(tmp_path / 'diffusion'))
+  import tokcom_jax
+  from tokcom_jax.models import flow
+  model = tokcom_jax.load(str(tmp_path / 'diffusion'))
   model.dit_params, _, _ = checkpoint.restore_params(
       tmp_path / 'diffusion', jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -115,16 +127,16 @@ def test_stage2_trains_and_leaves_the_vae_bit_identical(corpus, vae_run, tmp_pat
 def test_stage2_without_a_vae_names_the_missing_workdir(corpus, tmp_path):
   config = train_fixtures.micro_config(*corpus, stage='diffusion',
                                        vae_workdir=str(tmp_path / 'nowhere'))
-  with pytest.raises(train_lib.TrainingError, match='nowhere'):
-    train_lib.Trainer(config, str(tmp_path / 'diffusion'))
+  with pytest.raises(TrainingError, match='nowhere'):
+    trainer_lib.Trainer(config, str(tmp_path / 'diffusion'))
 
 
 def test_nan_guard_names_the_step(corpus, vae_run, tmp_path):
   config = train_fixtures.micro_config(*corpus, max_nan_steps=2)
-  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  trainer = trainer_lib.Trainer(config, str(tmp_path / 'vae'))
   kernel = trainer.state['params']['lm_head']['kernel']
   trainer.state['params']['lm_head']['kernel'] = jnp.full_like(kernel, jnp.nan)
-  with pytest.raises(train_lib.TrainingError, match='2 steps in a row, at step 2:'):
+  with pytest.raises(TrainingError, match='2 steps in a row, at step 2:'):
     trainer.run()
   assert checkpoint.manager(tmp_path / 'vae', read_only=True).all_steps() == []
 
@@ -151,7 +163,7 @@ def adam_count(state) -> int:
 
 def test_nan_gradients_are_skipped_and_counted(corpus, tmp_path):
   config = train_fixtures.micro_config(*corpus, max_nan_steps=3)
-  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  trainer = trainer_lib.Trainer(config, str(tmp_path / 'vae'))
   poison(trainer, {3, 4})
   trainer.run()
   rows = {r['step']: r for r in map(json.loads, open(tmp_path / 'vae' /
@@ -167,11 +179,11 @@ def test_nan_gradients_are_skipped_and_counted(corpus, tmp_path):
 def test_nan_gradients_in_a_row_stop_the_run_and_the_last_checkpoint_restores(
     corpus, tmp_path):
   config = train_fixtures.micro_config(*corpus, max_nan_steps=3)
-  trainer = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  trainer = trainer_lib.Trainer(config, str(tmp_path / 'vae'))
   poison(trainer, set(range(3, 100)))
-  with pytest.raises(train_lib.TrainingError, match='3 steps in a row, at step 5:'):
+  with pytest.raises(TrainingError, match='3 steps in a row, at step 5:'):
     trainer.run()
-  resumed = train_lib.Trainer(config, str(tmp_path / 'vae'))
+  resumed = trainer_lib.Trainer(config, str(tmp_path / 'vae'))
   assert resumed._restore() == 4  # saved by the eval at step 4, updates skipped
   assert adam_count(resumed.state) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(resumed.state['params']))
@@ -179,8 +191,8 @@ def test_nan_gradients_in_a_row_stop_the_run_and_the_last_checkpoint_restores(
 
 def test_corpus_smaller_than_a_batch_is_a_clear_error(corpus, tmp_path):
   config = train_fixtures.micro_config(*corpus, batch_size=1_000_000)
-  with pytest.raises(train_lib.data.DataError, match='fewer than one batch'):
-    train_lib.Trainer(config, str(tmp_path / 'vae'))
+  with pytest.raises(DataError, match='fewer than one batch'):
+    trainer_lib.Trainer(config, str(tmp_path / 'vae'))
 
 
 def _damage(path, how):
@@ -202,12 +214,12 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, vae_run, tmp_
   import shutil
   workdir = tmp_path / 'vae'
   config = train_fixtures.micro_config(*corpus)
-  train_lib.Trainer(config, str(workdir)).run(stop_after=6)  # checkpoints 4 and 6
+  trainer_lib.Trainer(config, str(workdir)).run(stop_after=6)  # checkpoints 4 and 6
   files = glob.glob(str(workdir / 'checkpoints' / '6' / 'state' / '**' / 'd' / '*'),
                     recursive=True)
   _damage(max(files, key=os.path.getsize), how)
   with caplog.at_level('WARNING'):
-    trainer = train_lib.Trainer(config, str(workdir))
+    trainer = trainer_lib.Trainer(config, str(workdir))
     trainer.run()
   assert 'checkpoint step 6' in caplog.text and 'damaged' in caplog.text
   assert os.path.isdir(workdir / 'damaged_checkpoints' / '6')
@@ -215,8 +227,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, vae_run, tmp_
   assert losses(workdir) == losses(vae_run)
   shutil.rmtree(workdir / 'checkpoints')
   shutil.copytree(workdir / 'damaged_checkpoints', workdir / 'checkpoints')
-  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .* can be'):
-    train_lib.Trainer(config, str(workdir)).run()  # none readable: nothing moved
+  with pytest.raises(CheckpointError, match='no checkpoint in .* can be'):
+    trainer_lib.Trainer(config, str(workdir)).run()  # none readable: nothing moved
   assert os.listdir(workdir / 'checkpoints') == ['6']
 
 
@@ -224,19 +236,20 @@ def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tm
   """The flow model's latent statistics are the per-dimension mean and std of the
   frozen encoder's latents on the first training batches, kept in its checkpoint;
   sampling maps its output back through them."""
-  from tokcom_jax import data, sampling
+  import tokcom_jax
+  from tokcom_jax.data import batches
   from tokcom_jax.stages.flow import STATS_BATCHES
   recipe = dict(standardize=True, noise_std=1.0, self_condition=True, t_shift=3.0,
                 ce_weight=0.1, ce_min_t=0.5)
   config = train_fixtures.micro_config(*corpus, stage='diffusion',
                                        vae_workdir=vae_run, **recipe)
   workdir = str(tmp_path / 'diffusion')
-  trainer = train_lib.Trainer(config, workdir)
+  trainer = trainer_lib.Trainer(config, workdir)
   trainer.run()
   assert sorted(losses(workdir)) == list(range(1, 9))
-  model = sampling.load(workdir)
+  model = tokcom_jax.load(workdir)
   n, B = trainer.train_windows.num_windows, config.train.batch_size
-  windows = np.concatenate([trainer.train_windows.get(data.eval_indices(b, n, B))
+  windows = np.concatenate([trainer.train_windows.get(batches.eval_indices(b, n, B))
                             for b in range(STATS_BATCHES)])
   z = model.encode_tokens(windows).reshape(-1, config.vae.latent_dim)
   params = model.dit_params
@@ -251,13 +264,13 @@ def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tm
 def test_a_bfloat16_config_on_the_cpu_warns_once_when_the_run_starts(corpus, tmp_path,
                                                                       caplog, monkeypatch):
   """Both stages of `all`, one line (and none for a float32 config)."""
-  monkeypatch.setattr(train_lib, '_WARNED', set())
+  monkeypatch.setattr(trainer_lib, '_WARNED', set())
   steps = {'train.vae.num_steps': 2, 'train.diffusion.num_steps': 2}
   config = train_fixtures.micro_config(*corpus, stage='all', compute_dtype='bfloat16',
                                        **steps)
   with caplog.at_level('WARNING'):
-    train_lib.train(config, str(tmp_path / 'bf16'))
-    train_lib.Trainer(train_fixtures.micro_config(*corpus, **steps),
+    trainer_lib.train(config, str(tmp_path / 'bf16'))
+    trainer_lib.Trainer(train_fixtures.micro_config(*corpus, **steps),
                       str(tmp_path / 'fp32'))
   found = [r.getMessage() for r in caplog.records if 'found only the CPU' in r.getMessage()]
   assert len(found) == 1 and 'compute_dtype=bfloat16' in found[0], found

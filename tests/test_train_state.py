@@ -13,7 +13,10 @@ from flax import nnx
 
 from configs import tiny
 from tests import train_fixtures
-from tokcom_jax import stacks, layers, sharding, stages, steps, train_state
+from tokcom_jax import stages
+from tokcom_jax.models import axes, layers, stacks
+from tokcom_jax.training import sharding, steps, train_state
+
 
 PEAK = 1e-3
 
@@ -167,9 +170,9 @@ class TinyLM(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs):
     self.embed = nnx.Embed(
-        V, D, embedding_init=layers.partitioned(nnx.initializers.normal(1.0),
+        V, D, embedding_init=axes.partitioned(nnx.initializers.normal(1.0),
                                                 'vocab', 'embed'), rngs=rngs)
-    self.norm = nnx.RMSNorm(D, scale_init=layers.partitioned(layers.ones_init,
+    self.norm = nnx.RMSNorm(D, scale_init=axes.partitioned(layers.ones_init,
                                                              'embed'), rngs=rngs)
     self.out = layers.dense(D, V, ('embed', 'vocab'), dtype=jnp.float32,
                             use_bias=True, kernel_init=nnx.initializers.normal(0.3),

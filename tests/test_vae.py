@@ -7,7 +7,7 @@ from flax import nnx
 
 from configs import v52
 from tests import helpers
-from tokcom_jax import vae
+from tokcom_jax.models import vae
 
 
 def qwen2_stack_params(layers, D, heads, kv_heads, F):
@@ -23,15 +23,26 @@ def param_count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
+# Jitted once for the module: every test model of one config shares the compiled code.
+encode = nnx.jit(lambda model, tokens: model.encode(tokens))
+decode = nnx.jit(lambda model, z: model.decode(z))
+
+
 def test_encode_decode_shapes():
   cfg = helpers.tiny_vae_config()
   model = vae.ChunkVAE(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (3, 32), 0, 256)
-  mean, logvar = model.encode(tokens)
+
+  @nnx.jit
+  def all_outputs(model):
+    mean, logvar = model.encode(tokens)
+    return mean, logvar, model.decode(mean), vae.loss_fn(
+        model, tokens, jnp.ones_like(tokens), jax.random.key(1))
+
+  mean, logvar, logits, (loss, metrics) = all_outputs(model)
   chex.assert_shape([mean, logvar], (3, 8, 16))
   chex.assert_type([mean, logvar], jnp.float32)
-  chex.assert_shape(model.decode(mean), (3, 32, 256))
-  loss, metrics = vae.loss_fn(model, tokens, jnp.ones_like(tokens), jax.random.key(1))
+  chex.assert_shape(logits, (3, 32, 256))
   chex.assert_shape([loss] + list(metrics.values()), ())
 
 
@@ -40,10 +51,10 @@ def test_chunks_are_encoded_independently():
   model = vae.ChunkVAE(helpers.tiny_vae_config(), rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 256)
   other = tokens.at[0, 5].set((tokens[0, 5] + 1) % 256)
-  delta = jnp.abs(model.encode(tokens)[0] - model.encode(other)[0]).max(axis=-1)[0]
+  delta = jnp.abs(encode(model, tokens)[0] - encode(model, other)[0]).max(axis=-1)[0]
   assert float(delta[1]) > 0 and float(delta[jnp.array([0, 2, 3])].max()) == 0.0
-  z = model.encode(tokens)[0]
-  moved = jnp.abs(model.decode(z) - model.decode(z.at[0, 2].add(1.0))).max(axis=-1)[0]
+  z = encode(model, tokens)[0]
+  moved = jnp.abs(decode(model, z) - decode(model, z.at[0, 2].add(1.0))).max(axis=-1)[0]
   assert float(moved[8:12].min()) > 0 and float(moved[:8].max()) == 0.0
 
 

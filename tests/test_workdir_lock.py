@@ -10,7 +10,10 @@ import sys
 import pytest
 
 from tests import train_fixtures
-from tokcom_jax import evaluate, train_lib, workdir_lock
+from tokcom_jax import evaluate
+from tokcom_jax.storage import workdir_lock
+from tokcom_jax.training import trainer as trainer_lib
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,12 +110,6 @@ def test_evaluate_of_a_missing_or_read_only_workdir_takes_no_lock(tmp_path,
       pass
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  return train_fixtures.make_corpus(root / 'text', files=8), str(root / 'cache')
-
-
 def test_a_second_run_is_refused_while_the_first_holds_the_workdir(corpus, tmp_path):
   """The test process is the first run: it holds the lock for the whole test, so
   the second one (train.py, evaluate) meets it whatever the timing."""
@@ -130,7 +127,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_workdir(corpus, tmp_p
                                f' {socket.gethostname()} (pid {os.getpid()}, since ')
     assert lines[0].endswith(f'delete {workdir}/lock.')
     with pytest.raises(workdir_lock.WorkdirBusy, match=f'pid {os.getpid()}'):
-      train_lib.train(train_fixtures.micro_config(*corpus), str(workdir))
+      trainer_lib.train(train_fixtures.micro_config(*corpus), str(workdir))
     with pytest.raises(workdir_lock.WorkdirBusy, match=f'pid {os.getpid()}'):
       evaluate.evaluate(str(workdir))
     # The refused runs wrote nothing and left the holder's lock in place.

@@ -4,7 +4,7 @@ import pathlib
 import sysconfig
 
 from configs import tiny
-from tokcom_jax import config_lib
+from tokcom_jax import config_checks, config_lib
 
 
 def make_corpus(root: pathlib.Path, files: int = 40) -> str:
@@ -25,7 +25,8 @@ def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
   config.data.source = source
   config.data.cache_dir = cache_dir
   config.lock()
-  return config_lib.validate(config)
+  config_checks.check_config(config)
+  return config
 
 
 MICRO = dict(
@@ -54,7 +55,7 @@ def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers
 def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:
   """A micro VAE trained until it reconstructs (latent_dim 16), and a short stage-2
   run on it, on a small repetitive corpus: about 30 s on 2 cores."""
-  from tokcom_jax import train_lib
+  from tokcom_jax.training import trainer as trainer_lib
   (root / 'text').mkdir(parents=True)
   lines = ['import os\nimport sys\n\n\ndef main():\n    return 0\n',
            'class Point:\n    x = 1\n    y = 2\n']
@@ -63,11 +64,11 @@ def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:
   source = f'files:{root}/text/*.txt'
   cache = str(root / 'cache')
   vae_dir, dit_dir = str(root / 'vae'), str(root / 'diffusion')
-  train_lib.Trainer(micro_config(
+  trainer_lib.Trainer(micro_config(
       source, cache, **{'train.vae.num_steps': 800, 'train.vae.lr': 3e-3,
                         'log_every': 200, 'eval_every': 800, 'vae.hidden_size': 64,
                         'vae.latent_dim': 16, 'dit.hidden_size': 32}), vae_dir).run()
-  train_lib.Trainer(micro_config(
+  trainer_lib.Trainer(micro_config(
       source, cache, stage='diffusion', vae_workdir=vae_dir,
       **{'vae.hidden_size': 64, 'vae.latent_dim': 16}), dit_dir).run()
   return vae_dir, dit_dir
@@ -76,10 +77,10 @@ def train_sampling_runs(root: pathlib.Path) -> tuple[str, str]:
 def train_ar_run(runs: tuple[str, str]) -> str:
   """A micro autoregressive run beside the sampling runs (same corpus and cache), so
   that `evaluate` finds it as the reference of the diffusion run."""
-  from tokcom_jax import train_lib
+  from tokcom_jax.training import trainer as trainer_lib
   root = pathlib.Path(runs[1]).parent
   ar_dir = str(root / 'ar')
-  train_lib.Trainer(micro_config(
+  trainer_lib.Trainer(micro_config(
       f'files:{root}/text/*.txt', str(root / 'cache'), stage='ar',
       **{'train.ar.num_steps': 200, 'train.ar.lr': 3e-3, 'log_every': 100,
          'eval_every': 200, 'sample_every': 1000, 'ar.hidden_size': 32, 'ar.num_layers': 1,

@@ -12,6 +12,8 @@ os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 
 def load(workdir: str, vae_workdir: str | None = None):
-  """Loads a trained run: see `tokcom_jax.sampling.TokCom`."""
-  from tokcom_jax import sampling
-  return sampling.load(workdir, vae_workdir)
+  """Loads a trained run: a `tokcom_jax.inference.tokcom.TokCom` (a stage-1 or
+  stage-2 run) or a `tokcom_jax.inference.autoregressive.AutoregressiveLM` (an `ar`
+  run); see `tokcom_jax.inference.loading`."""
+  from tokcom_jax.inference.loading import load as load_run
+  return load_run(workdir, vae_workdir)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from tokcom_jax import ranges
+from tokcom_jax import config_checks
 from tokcom_jax.errors import ConfigError
+
 
 STAGES = ('vae', 'diffusion', 'ar')  # each has a file in tokcom_jax/stages/
 
@@ -180,13 +181,6 @@ def apply_modifiers(config: ml_collections.ConfigDict, modifiers: dict[str, str]
   return config
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Raises ConfigError, one line, for a field out of its declared range or fields
-  that cannot work together (`tokcom_jax.ranges`)."""
-  ranges.check_config(config)
-  return config
-
-
 def finalize(config: ml_collections.ConfigDict, arg: str | None,
              stages=STAGES) -> ml_collections.ConfigDict:
   """The common end of every get_config: stage and modifiers from `arg`, checked."""
@@ -200,6 +194,6 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
     config.vae.update(RECIPES[name]['vae'])
     config.sample.update(RECIPES[name]['sample'])
   apply_modifiers(config, modifiers)
-  validate(config)
+  config_checks.check_config(config)
   config.lock()
   return config

@@ -11,14 +11,16 @@ Metrics:
   recon_token_accuracy, recon_chunk_exact_match   argmax decode of the latent means
   recon_token_accuracy_at_noise[σ]                latents + σ·std·ε, std per dimension
   val_ce[t], val_mse[t]                           stage-2 loss terms at fixed t
-  gen_unigram_entropy, real_unigram_entropy       bits per token, same token count
+  gen_token_id_entropy, real_token_id_entropy     bits per token of the sampled ids as
+                                                  they are (EOS counted), run tokenizer
   gen_distinct_2/3, gen_repeat_4gram_rate         diversity and repetition
   gen_frechet_latent_distance                     generated vs real, encoder latents
   gen_roundtrip_token_accuracy                    decode → encode → decode agreement
   seconds_per_sample                              wall time after compilation
   generation_quality.rows[real|shuffled|tokcom|ar] perplexity under the reference
-                                                  `ar` run, unigram entropy, chunk
-                                                  validity (see tokcom_jax.quality)
+                                                  `ar` run, unigram entropy of the text
+                                                  re-tokenized by the reference, chunk
+                                                  validity (tokcom_jax.evaluation.quality)
 
 An `ar` run gets its own samples' generation quality; a diffusion run gets TokCom's
 and, beside it, the reference `ar` run's samples (drawn at temperature 1).
@@ -26,154 +28,15 @@ and, beside it, the reference `ar` run's samples (drawn at temperature 1).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import time
 
 import numpy as np
 from etils import epath
 
-from tokcom_jax import files, workdir_lock
 from tokcom_jax.errors import DataError, SamplingError
-from tokcom_jax.text_metrics import (distinct_n, frechet_latent_distance,
-                                     repeat_ngram_rate, unigram_entropy)
-
-NOISE_LEVELS = (0.0, 0.1, 0.3, 0.5, 1.0)
-
-# -------------------------------------------------------------------- model metrics
-
-
-def _batches(n: int, batch_size: int):
-  for first in range(0, n, batch_size):
-    yield slice(first, min(first + batch_size, n))
-
-
-def vae_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
-                ) -> dict:
-  """Reconstruction of held-out windows, and how it degrades with latent noise."""
-  K = model.chunk_size
-  latents = np.concatenate([model.encode_tokens(windows_BL[s])
-                            for s in _batches(len(windows_BL), batch_size)])
-  std_Z = latents.reshape(-1, latents.shape[-1]).std(0)
-  rng = np.random.default_rng(seed)
-  curve = {}
-  for sigma in NOISE_LEVELS:
-    noisy = latents + sigma * std_Z * rng.standard_normal(latents.shape).astype(
-        np.float32)
-    tokens = np.concatenate([model.decode_tokens(noisy[s])
-                             for s in _batches(len(noisy), batch_size)])
-    right = tokens == windows_BL
-    curve[str(sigma)] = float(right.mean())
-    if sigma == 0.0:
-      exact = right.reshape(len(right), -1, K).all(-1).mean()
-  return {'recon_token_accuracy': curve['0.0'],
-          'recon_chunk_exact_match': float(exact),
-          'recon_token_accuracy_at_noise': curve,
-          'latent_std_mean': float(std_Z.mean())}
-
-
-def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
-                 ) -> dict:
-  """Stage-2 CE and MSE on held-out windows at fixed t: the eval step that training
-  runs (`tokcom_jax.steps`), over these windows."""
-  import jax
-  import jax.numpy as jnp
-
-  from tokcom_jax import sharding, stages, steps
-  from tokcom_jax.stages.flow import EVAL_TIMES
-
-  stage = stages.get(model.config, 'diffusion')
-  eval_step = steps.make_eval_step(stage, model.dit_graphdef,
-                                   {'vae': model.vae_graphdef}, sharding.make_mesh(-1, 1))
-  batches = ((jnp.asarray(windows_BL[s]), jax.random.fold_in(jax.random.key(seed), i))
-             for i, s in enumerate(_batches(len(windows_BL), batch_size)))
-  ev = steps.evaluate_batches(eval_step, model.dit_params, {'vae': model.vae_params},
-                              batches)
-  return {'val_ce': {str(t): ev[f'ce_t{t}'] for t in EVAL_TIMES},
-          'val_mse': {str(t): ev[f'mse_t{t}'] for t in EVAL_TIMES}}
-
-
-def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,
-                       batch_size: int, seed: int = 0, noise_scale=None
-                       ) -> tuple[dict, list[str]]:
-  """Statistics of `num_samples` generated windows against as many real ones."""
-  for B in {min(batch_size, num_samples), num_samples % batch_size} - {0}:
-    model.sample(B, steps=steps, seed=seed)  # compile every batch shape untimed
-  start = time.perf_counter()
-  latents, tokens = model.sample(num_samples, steps=steps, seed=seed,
-                                 batch_size=batch_size, noise_scale=noise_scale)
-  seconds = (time.perf_counter() - start) / num_samples
-  real = real_BL[:num_samples]
-  Z = latents.shape[-1]
-  encode = lambda toks: np.concatenate([model.encode_tokens(toks[s]) for s in
-                                        _batches(len(toks), batch_size)])
-  again = encode(tokens)
-  retokens = np.concatenate([model.decode_tokens(again[s])
-                             for s in _batches(len(again), batch_size)])
-  metrics = {
-      'gen_unigram_entropy': unigram_entropy(tokens),
-      'real_unigram_entropy': unigram_entropy(real),
-      'gen_distinct_2': distinct_n(tokens, 2),
-      'gen_distinct_3': distinct_n(tokens, 3),
-      'real_distinct_2': distinct_n(real, 2),
-      'gen_repeat_4gram_rate': repeat_ngram_rate(tokens, 4),
-      'real_repeat_4gram_rate': repeat_ngram_rate(real, 4),
-      'gen_frechet_latent_distance': frechet_latent_distance(
-          again.reshape(-1, Z), encode(real).reshape(-1, Z)),
-      'gen_roundtrip_token_accuracy': float((retokens == tokens).mean()),
-      'seconds_per_sample': seconds,
-  }
-  return metrics, [model._text(t) for t in tokens]
-
-
-# ------------------------------------------------------------------------ plots
-
-
-def _read_metrics(workdir: str) -> list[dict]:
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
-def plot(workdir: str, runs: dict[str, str], curve: dict[str, float] | None,
-         save=files.write_figure) -> list[str]:
-  """Loss curves of each stage's run and the decodability curve, as PNGs;
-  `save(fig, path)` writes each and returns where (None when it could not)."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  out_dir = epath.Path(workdir) / 'plots'
-  written = []
-  for stage, run in runs.items():
-    rows = _read_metrics(run)
-    if not rows:
-      continue
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (('train/loss', 'train'), ('eval/loss', 'validation')):
-      pts = [(r['step'], r[key]) for r in rows if key in r]
-      if pts:
-        ax.plot(*zip(*pts), label=label, marker='o' if label == 'validation' else None)
-    ax.set(xlabel='step', ylabel='loss', yscale='log', title=f'{stage}: {run}')
-    ax.legend()
-    fig.tight_layout()
-    written.append(save(fig, out_dir / f'{stage}_loss.png'))
-    plt.close(fig)
-  if curve:
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot([float(s) for s in curve], list(curve.values()), marker='o')
-    ax.set(xlabel='latent noise σ (× per-dimension std)', ylabel='token accuracy',
-           ylim=(0, 1.02), title='decodability')
-    fig.tight_layout()
-    written.append(save(fig, out_dir / 'decodability.png'))
-    plt.close(fig)
-  return [w for w in written if w]
-
-
-# ------------------------------------------------------------------------- main
+from tokcom_jax.storage import files, workdir_lock
 
 
 def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
@@ -201,14 +64,17 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
 def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, reference,
              vae_workdir, noise_scale=None) -> tuple[dict, list[str], dict[str, str]]:
   """(metrics, generated texts, {stage: run} whose loss curves to plot)."""
-  from tokcom_jax import data, quality, sampling
-  model = sampling.load(workdir, vae_workdir)
-  is_ar = isinstance(model, sampling.AutoregressiveLM)
+  from tokcom_jax.data import batches
+  from tokcom_jax.evaluation import model_metrics, quality
+  from tokcom_jax.inference.autoregressive import AutoregressiveLM
+  from tokcom_jax.inference.loading import load
+  model = load(workdir, vae_workdir)
+  is_ar = isinstance(model, AutoregressiveLM)
   c = model.config
-  stream = data.load_token_stream(c.data.source, 'validation', model.tokenizer,
+  stream = batches.load_token_stream(c.data.source, 'validation', model.tokenizer,
                                   c.data.cache_dir or None, c.data.text_column,
                                   c.data.val_split)
-  windows = data.Windows(stream, c.max_length)
+  windows = batches.Windows(stream, c.max_length)
   n = min(num_windows, windows.num_windows)
   if n == 0:
     raise DataError(f'the validation split of {c.data.source} is shorter than one'
@@ -223,28 +89,28 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
     result.update(num_samples=num_samples, ar_temperature=1.0)
     plots = [('ar', workdir)]
   else:
-    result.update(vae_metrics(model, real, batch_size, seed))
+    result.update(model_metrics.vae_metrics(model, real, batch_size, seed))
     plots = [('vae', model.vae_workdir)]
   if not is_ar and model.dit_params is not None:
-    result.update(flow_metrics(model, real, batch_size, seed))
+    result.update(model_metrics.flow_metrics(model, real, batch_size, seed))
     scale = c.sample.noise_scale if noise_scale is None else noise_scale
-    gen, samples = generation_metrics(model, real, num_samples, steps, batch_size,
-                                      seed, scale)
+    gen, samples = model_metrics.generation_metrics(model, real, num_samples, steps,
+                                                    batch_size, seed, scale)
     result.update(num_samples=num_samples, steps=steps, noise_scale=scale, **gen)
     texts['tokcom'] = samples
     plots.append(('diffusion', workdir))
   reference = reference or quality.find_reference(workdir)
   if texts and reference:
     ref = model if is_ar and os.path.samefile(reference, workdir) else (
-        sampling.load(reference))
-    if not isinstance(ref, sampling.AutoregressiveLM):
+        load(reference))
+    if not isinstance(ref, AutoregressiveLM):
       raise SamplingError(f'--reference {reference} is not an ar run: train one with'
                           ' train.py --config …:ar.')
     if 'ar' not in texts:
       texts['ar'] = ref.generate(num_samples, seed=seed, batch_size=batch_size)
     real_texts = [model.tokenizer.decode(w.tolist(), skip_special_tokens=True)
                   for w in real[:num_samples]]
-    train = data.load_token_stream(c.data.source, 'train', model.tokenizer,
+    train = batches.load_token_stream(c.data.source, 'train', model.tokenizer,
                                    c.data.cache_dir or None, c.data.text_column,
                                    c.data.train_split)
     result['generation_quality'] = quality.generation_quality(
@@ -258,7 +124,7 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
 def _write(workdir: str, result: dict, samples: list[str], plots: dict[str, str]):
   """Plots, eval.json and eval_samples.jsonl, each whole or not at all; what cannot
   be written (a read-only copy of a run) is named in one warning."""
-  from tokcom_jax import quality
+  from tokcom_jax.evaluation import plots as plotting
   out, failed = epath.Path(workdir), []
 
   def attempt(write, path, content):
@@ -268,11 +134,11 @@ def _write(workdir: str, result: dict, samples: list[str], plots: dict[str, str]
       failed.append((os.path.relpath(str(path), str(out)), e))
 
   save = lambda fig, path: attempt(lambda p, f: files.write_figure(f, p), path, fig)
-  result['plots'] = plot(workdir, plots, result.get('recon_token_accuracy_at_noise'),
-                         save)
+  result['plots'] = plotting.training_plots(
+      workdir, plots, result.get('recon_token_accuracy_at_noise'), save)
   if 'generation_quality' in result:
-    result['plots'] += [quality.plot(result['generation_quality'],
-                                     out / 'plots' / 'generation_quality.png', save)]
+    result['plots'] += [plotting.generation_quality_plot(
+        result['generation_quality'], out / 'plots' / 'generation_quality.png', save)]
   result['plots'] = [p for p in result['plots'] if p]
   attempt(files.write_text, out / 'eval.json', json.dumps(result, indent=2))
   if samples:
@@ -288,9 +154,9 @@ def main(argv):
   del argv
   from absl import flags
 
-  from tokcom_jax import flag_ranges
+  from tokcom_jax import cli, config_checks
   F = flags.FLAGS
-  flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.EVALUATE_FLAGS)
+  config_checks.check_flags(F.flag_values_dict(), cli.EVALUATE_FLAGS)
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
                     F.seed, F.reference, F.vae_workdir, F.noise_scale)
   print(json.dumps(result, indent=2))

@@ -16,8 +16,9 @@ import os
 import jax
 import numpy as np
 
-from tokcom_jax import sharding, stages, steps, train_state
+from tokcom_jax import stages
 from tokcom_jax.errors import ConfigError
+from tokcom_jax.training import sharding, steps, train_state
 
 
 def memory_report(config, mesh_shapes, compile: bool = True) -> list[dict]:
@@ -68,9 +69,9 @@ def parse_mesh_shapes(specs: list[str]) -> list[tuple[int, int]]:
 def main(argv):
   del argv
   from absl import flags
-  from tokcom_jax import config_lib
+  from tokcom_jax import config_checks
   F = flags.FLAGS
-  config_lib.validate(F.config)  # --config.field=value flags apply after get_config
+  config_checks.check_config(F.config)  # --config.field=value flags apply after it
   shapes = parse_mesh_shapes(F.mesh)
   need = max(d * f for d, f in shapes)
   # Unless JAX_PLATFORMS says otherwise, fake as many CPU devices as the largest mesh

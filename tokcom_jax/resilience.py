@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      'train.py')
 
@@ -57,7 +58,9 @@ def losses(workdir: str) -> dict[str, float]:
 
 
 def final_params(workdir: str):
-  from tokcom_jax import checkpoint, config_lib, sharding, stages, train_state
+  from tokcom_jax import config_lib, stages
+  from tokcom_jax.storage import checkpoint
+  from tokcom_jax.training import sharding, train_state
   step, meta = checkpoint.read_meta(workdir, checkpoint.manager(
       workdir, read_only=True).latest_step())
   config = config_lib.from_dict(meta['config'])
@@ -113,11 +116,11 @@ def main(argv):
   from absl import flags
   F = flags.FLAGS
   if len(argv) < 2:
-    from tokcom_jax.config_lib import ConfigError
+    from tokcom_jax.errors import ConfigError
     raise ConfigError('give train.py flags after --, e.g. -- --config'
                       ' configs/tiny.py:vae,train.vae.num_steps=200')
-  from tokcom_jax import flag_ranges
-  flag_ranges.check_flags(F.flag_values_dict(), flag_ranges.RESILIENCE_FLAGS)
+  from tokcom_jax import cli, config_checks
+  config_checks.check_flags(F.flag_values_dict(), cli.RESILIENCE_FLAGS)
   try:
     report = run(argv[1:], F.root, F.kills, F.seed)
   except subprocess.CalledProcessError as e:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax import flops, lm
+from tokcom_jax.models import flops, lm
 from tokcom_jax.stages.base import Stage
 
 

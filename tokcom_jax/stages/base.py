@@ -12,16 +12,25 @@ caller keeps the functional split/merge, jit and shardings.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ClassVar
 
 import jax
 from etils import epath
 from flax import nnx
 
-from tokcom_jax.train_state import FrozenModel
 
 Array = jax.Array
 Metrics = dict[str, Array]
+Build = Callable[[nnx.Rngs], nnx.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenModel:
+  """A trained model that a stage reads but does not train (stage 2's VAE)."""
+  build: Build
+  workdir: str
+  missing_hint: str  # what to do when `workdir` has no checkpoint
 
 
 class Stage:
@@ -90,5 +99,5 @@ class Stage:
   # -------------------------------------------------------------------- cost
 
   def train_flops(self, batch: int) -> int:
-    """Model FLOPs of one training step on `batch` windows (tokcom_jax.flops)."""
+    """Model FLOPs of one training step on `batch` windows (tokcom_jax.models.flops)."""
     raise NotImplementedError

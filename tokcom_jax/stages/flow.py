@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import dit, flops, flow
-from tokcom_jax.stages.base import Stage
+from tokcom_jax.models import dit, flops, flow, samplers
+from tokcom_jax.stages.base import FrozenModel, Stage
 from tokcom_jax.stages.vae import VAEStage
-from tokcom_jax.train_state import FrozenModel
+
 
 EVAL_TIMES = (0.1, 0.5, 0.9)  # t values at which the flow model is evaluated
 STATS_BATCHES = 32  # training batches that measure the latents' statistics
@@ -59,7 +59,7 @@ class FlowStage(Stage):
     c = self.config
     shape = (tokens_BL.shape[0], c.max_length // c.chunk_size, c.vae.latent_dim)
     noise = flow.sample_noise(key, shape, c.flow.noise_std * c.sample.noise_scale)
-    x = flow.generate(model, noise, c.sample.steps, self.flow)
+    x = samplers.generate(model, noise, c.sample.steps, self.flow)
     return jnp.argmax(frozen['vae'].decode(model.to_latent(x)), axis=-1)
 
   def prepare(self, params, frozen_graphdefs, frozen, batches):

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokcom_jax import flops, flow, vae
+from tokcom_jax.models import flops, flow, vae
 from tokcom_jax.stages.base import Stage
+
 
 PRIOR_EVAL_KEY = 1234  # evaluation draws the prior's noise and times from this key
 

@@ -16,31 +16,25 @@ B batch, L tokens, K chunk size, N = L/K chunks, D model width, Z latent size, V
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax import dit, layers
+from tokcom_jax.models import axes, dit, layers
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class VAEConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VAEConfig(layers.StackFields):
   vocab_size: int
   chunk_size: int
   latent_dim: int
-  hidden_size: int
   encoder_layers: int
   decoder_layers: int
-  num_heads: int
-  num_kv_heads: int
-  intermediate_size: int
-  rope_theta: float = 1_000_000.0
-  rms_eps: float = 1e-6
   encoder_causal: bool = True
   decoder_causal: bool = True
   # Loss. kl_weight = 0 makes the encoder deterministic (z = mean), as in v5.2.
@@ -56,9 +50,6 @@ class VAEConfig:
   # latents become predictable from their context as well as decodable.
   prior_weight: float = 0.0
   prior: dit.DiTConfig | None = None  # set from config.dit when prior_weight > 0
-  dtype: Any = jnp.float32
-  scan_layers: bool = False  # stacks.make_blocks
-  remat: str = 'none'
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
     return layers.stack_config(self, num_layers, causal)
@@ -89,7 +80,7 @@ class ChunkVAE(nnx.Module):
     D, Z, V, K = cfg.hidden_size, cfg.latent_dim, cfg.vocab_size, cfg.chunk_size
     self.embed = nnx.Embed(
         V, D, dtype=cfg.dtype,
-        embedding_init=layers.partitioned(layers.default_init, 'vocab', 'embed'),
+        embedding_init=axes.partitioned(layers.default_init, 'vocab', 'embed'),
         rngs=rngs)
     self.encoder = layers.Transformer(cfg.encoder, rngs=rngs)
     self.to_mean = layers.dense(D, Z, ('embed', 'latent'), dtype=cfg.dtype,
@@ -100,7 +91,7 @@ class ChunkVAE(nnx.Module):
                                     use_bias=True, rngs=rngs)
     if not cfg.autoregressive_decoder:
       self.omni_KD = nnx.Param(
-          layers.partitioned(layers.default_init, None, 'embed')(
+          axes.partitioned(layers.default_init, None, 'embed')(
               rngs.params(), (K, D), jnp.float32))
     self.decoder = layers.Transformer(cfg.decoder, rngs=rngs)
     self.lm_head = layers.dense(D, V, ('embed', 'vocab'), dtype=cfg.dtype, rngs=rngs)

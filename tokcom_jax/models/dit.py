@@ -10,20 +10,19 @@ With `causal` (`flow.order = 'chunkwise'`), chunk n attends to chunks ≤ n only
 chunk has its own time t [B, N], and a second input stream carries the clean latent
 of the chunk before (a learned start vector at chunk 0): the model predicts chunk n
 from the clean chunks before it and its own noisy version, for every n at once in
-training, and the sampler generates one chunk after another (flow.chunkwise_sample).
+training, and the sampler generates one chunk after another (samplers.chunkwise_sample).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import layers, stacks
+from tokcom_jax.models import axes, layers, stacks
 
 Array = jax.Array
 
@@ -124,23 +123,15 @@ class TimestepEmbedding(nnx.Module):
 # ------------------------------------------------------------------- the model
 
 
-@dataclasses.dataclass(frozen=True)
-class DiTConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig(layers.StackFields):
   latent_dim: int
-  hidden_size: int
   num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  intermediate_size: int
   rope_theta: float = 10_000.0
-  rms_eps: float = 1e-6
   time_freq_dim: int = 256
   standardize: bool = False  # keep per-dimension latent statistics (flow.py)
   self_condition: bool = False  # read the previous x1 estimate too
   causal: bool = False  # chunkwise: chunk n reads clean chunks < n (module docstring)
-  dtype: Any = jnp.float32
-  scan_layers: bool = False  # stacks.make_blocks
-  remat: str = 'none'
 
   @property
   def transformer(self) -> layers.TransformerConfig:
@@ -180,7 +171,7 @@ class LatentFlowTransformer(nnx.Module):
     if cfg.causal:  # the clean chunk before each chunk; a learned one before the first
       self.context_proj = layers.dense(Z, D, ('latent', 'embed'), dtype=cfg.dtype,
                                        rngs=rngs)
-      self.start = nnx.Param(layers.partitioned(layers.zeros_init, 'embed')(
+      self.start = nnx.Param(axes.partitioned(layers.zeros_init, 'embed')(
           rngs.params(), (D,), jnp.float32))
     if cfg.standardize:  # set from data when stage 2 starts (stages/flow.py)
       self.latent_mean = LatentStat(jnp.zeros((Z,), jnp.float32))
@@ -206,8 +197,8 @@ class LatentFlowTransformer(nnx.Module):
     positions_N = jnp.arange(h_BND.shape[1])
 
     def layer(block, h_BND, _):
-      return layers.constrain_batch(
-          block(layers.constrain_batch(h_BND), cond, positions_N)), None
+      return axes.constrain_batch(
+          block(axes.constrain_batch(h_BND), cond, positions_N)), None
     return stacks.apply_blocks(self.blocks, self.cfg.transformer, layer, h_BND)[0]
 
   def __call__(self, x_t_BNZ: Array, t: Array, x1_prev_BNZ: Array | None = None,
@@ -229,7 +220,7 @@ class LatentFlowTransformer(nnx.Module):
     if self.cfg.causal:
       if clean_BNZ is None:
         raise ValueError('a chunkwise flow model reads the clean latents before each'
-                         ' chunk: pass clean_BNZ (flow.chunkwise_sample does).')
+                         ' chunk: pass clean_BNZ (samplers.chunkwise_sample does).')
       before_T = index + jnp.arange(h_BTD.shape[1]) - 1  # the chunk before each
       before_BTD = self.context_proj(jnp.take(clean_BNZ, jnp.maximum(before_T, 0), 1))
       start = self.start[...].astype(before_BTD.dtype)

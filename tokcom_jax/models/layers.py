@@ -4,11 +4,11 @@ Shapes are written as suffixes: B batch, T sequence, D model width, N query head
 K key/value heads, H head size, F MLP width, C conditioning width.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`,
-`kv_heads`, `head_dim`, `latent`, `modulation`, `freq`); `tokcom_jax.sharding` maps
+`kv_heads`, `head_dim`, `latent`, `modulation`, `freq`); `tokcom_jax.training.sharding` maps
 them onto mesh axes. Eager sharding is off: placement is decided once, by the caller
 that jits the initialisation with explicit output shardings.
 
-Layer stacks are made and run by `tokcom_jax.stacks` (`scan_layers`, `remat`).
+Layer stacks are made and run by `tokcom_jax.models.stacks` (`scan_layers`, `remat`).
 
 KV cache (autoregressive decoding, `decode` methods): per layer
 `{'k': [B, S, K, H], 'v': [B, S, K, H]}` in the compute dtype, S the length of the
@@ -23,13 +23,14 @@ the newest token may hold anything (zeros, padding): the mask never reads them.
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tokcom_jax import ops, stacks
+from tokcom_jax.models import ops, stacks
+from tokcom_jax.models.axes import constrain_batch, partitioned
 
 Array = jax.Array
 
@@ -39,44 +40,30 @@ zeros_init = nnx.initializers.zeros_init()
 ones_init = nnx.initializers.ones_init()
 
 
-BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch is split over
-
-
-def constrain_batch(x: Array) -> Array:
-  """Keeps an activation split over the batch axes of the current mesh.
-
-  Without it XLA may split FSDP activations along their width to match the
-  parameters' sharding, and replicate others to get there. A no-op unless a mesh
-  with the batch axes is set (`jax.sharding.use_abstract_mesh`) and divides the batch.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-    return x
-  if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
-
-
-def partitioned(init, *names: str | None):
-  """An initializer whose parameter carries the logical axis `names`."""
-  return nnx.with_partitioning(init, names, eager_sharding=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """Shape of one Qwen2-style transformer stack."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackFields:
+  """The fields every transformer stack of a model declares: its width, heads, MLP,
+  RoPE, norm, compute dtype and layer layout. The model configs (`VAEConfig`,
+  `DiTConfig`, `LMConfig`) and `TransformerConfig` extend it; keyword-only, so a
+  subclass adds fields with or without defaults in any order."""
 
   hidden_size: int
-  num_layers: int
   num_heads: int
   num_kv_heads: int
   intermediate_size: int
   rope_theta: float = 1_000_000.0
   rms_eps: float = 1e-6
-  causal: bool = False
-  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always fp32
-  scan_layers: bool = False  # stacked parameters, one lax.scan (module docstring)
+  dtype: Any = jnp.float32  # compute dtype; parameters are always fp32
+  scan_layers: bool = False  # stacked parameters, one lax.scan (stacks.make_blocks)
   remat: str = 'none'  # one of stacks.REMAT_POLICIES
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransformerConfig(StackFields):
+  """Shape of one Qwen2-style transformer stack."""
+
+  num_layers: int
+  causal: bool = False
 
   def __post_init__(self):
     if self.remat not in stacks.REMAT_POLICIES:
@@ -99,15 +86,12 @@ class TransformerConfig:
     return self.hidden_size // self.num_heads
 
 
-def stack_config(model_config, num_layers: int, causal: bool) -> TransformerConfig:
-  """The transformer stack of a model config that has the stack's fields (hidden
-  size, heads, MLP width, RoPE theta, eps, dtype, scan_layers, remat)."""
-  c = model_config
-  return TransformerConfig(
-      hidden_size=c.hidden_size, num_layers=num_layers, num_heads=c.num_heads,
-      num_kv_heads=c.num_kv_heads, intermediate_size=c.intermediate_size,
-      rope_theta=c.rope_theta, rms_eps=c.rms_eps, causal=causal, dtype=c.dtype,
-      scan_layers=c.scan_layers, remat=c.remat)
+def stack_config(model_config: StackFields, num_layers: int, causal: bool
+                 ) -> TransformerConfig:
+  """The transformer stack of a model config (its `StackFields`)."""
+  shared = {f.name: getattr(model_config, f.name)
+            for f in dataclasses.fields(StackFields)}
+  return TransformerConfig(num_layers=num_layers, causal=causal, **shared)
 
 
 def stack_options(config) -> dict:

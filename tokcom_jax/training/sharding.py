@@ -15,11 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tokcom_jax import layers, ranges
+from tokcom_jax import config_checks
 from tokcom_jax.errors import ConfigError
+from tokcom_jax.models.axes import BATCH_AXES, MESH_AXES
 
-MESH_AXES = ('data', 'fsdp')
-BATCH_AXES = layers.BATCH_AXES  # ('data', 'fsdp')
 
 # Logical parameter axis → mesh axis. FSDP shards the width (`embed`) of every
 # matrix; everything else is replicated. A `tensor` axis would map heads/mlp here.
@@ -53,7 +52,7 @@ def _on_tpu_pod() -> bool:
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
   """A (data, fsdp) mesh over all devices; -1 on one axis means "the rest"."""
-  shape = ranges.mesh_shape(data, fsdp, jax.device_count())
+  shape = mesh_shape(data, fsdp, jax.device_count())
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
@@ -74,7 +73,7 @@ def cpu_only_warning(config, backend: str | None = None) -> str | None:
 
 def under_mesh(fn, mesh):
   """fn, traced with `mesh` as the abstract mesh, so that the model's activation
-  constraints (`layers.constrain_batch`) apply."""
+  constraints (`axes.constrain_batch`) apply."""
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fn(*args, **kwargs)
@@ -137,3 +136,19 @@ def check_batch(global_batch_size: int, mesh) -> None:
 def log_mesh(mesh) -> None:
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape),
                jax.device_count(), jax.process_count())
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) of config.mesh on `num_devices` devices; -1 is "the rest"."""
+  def fail(name, value, fix):
+    raise ConfigError(f'mesh.{name}={value}: mesh {data}x{fsdp} (data x fsdp) does not'
+                      f' fit the {num_devices} devices there are (set --config.{fix})')
+  config_checks.check_mesh_axes(data, fsdp)
+  for name, size, fix in (('data', data, 'mesh.data=-1'), ('fsdp', fsdp, 'mesh.fsdp=1')):
+    if size != -1 and (size < 1 or num_devices % size):
+      fail(name, size, fix)
+  resolved = (num_devices // fsdp if data == -1 else data,
+              num_devices // data if fsdp == -1 else fsdp)
+  if resolved[0] * resolved[1] != num_devices:
+    fail('data', data, f'mesh.data={num_devices // resolved[1]}')
+  return resolved

@@ -17,9 +17,11 @@ from typing import Callable, Iterable
 import numpy as np
 from etils import epath
 
+from tokcom_jax.data.hub import hub_error, hub_reachable
+from tokcom_jax.data.sources import cache_root, fingerprint, iter_documents
 from tokcom_jax.errors import ConfigError, DataError, SamplingError
-from tokcom_jax.sources import (cache_root, fingerprint, hub_error, hub_reachable,
-                                is_remote, iter_documents)
+from tokcom_jax.storage.files import is_remote
+
 
 EOS = '<|endoftext|>'
 PAD = '<pad>'

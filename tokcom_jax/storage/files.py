@@ -16,7 +16,11 @@ from typing import BinaryIO, Iterator
 
 from etils import epath
 
-from tokcom_jax.sources import is_remote
+
+
+def is_remote(path) -> bool:
+  """gs://… and other URLs: reached through etils.epath, not the local filesystem."""
+  return '://' in str(path)
 
 
 @contextlib.contextmanager

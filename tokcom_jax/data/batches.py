@@ -3,7 +3,7 @@
 Documents are joined with EOS into one token stream, cached once per (source, split,
 tokenizer) as a flat `.npy` that is memory-mapped, and cut into windows of
 `max_length` tokens. Batch s is a pure function of (seed, s) and of nothing else.
-Where documents come from: `tokcom_jax.sources`; tokenizers: `tokcom_jax.tokenizer`.
+Where documents come from: `tokcom_jax.data.sources`; tokenizers: `tokcom_jax.data.tokenizer`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from tokcom_jax import files
+from tokcom_jax.data.sources import cache_root, fingerprint, iter_documents
+from tokcom_jax.data.tokenizer import tokenizer_fingerprint
 from tokcom_jax.errors import DataError
-from tokcom_jax.sources import cache_root, fingerprint, iter_documents
-from tokcom_jax.tokenizer import tokenizer_fingerprint
+from tokcom_jax.storage import files
+
 
 def cache_path(cache_dir, source: str, split: str, tokenizer) -> pathlib.Path:
   """One file per (source's files, split, tokenizer): a changed corpus or tokenizer

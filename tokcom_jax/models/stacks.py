@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+
 REMAT_POLICIES = ('none', 'dots_saveable', 'full')
 
 
@@ -129,9 +130,13 @@ def _abstract(shape, like, spec) -> jax.ShapeDtypeStruct:
                               sharding=NamedSharding(like.sharding.mesh, P(*spec)))
 
 
+def key_name(key) -> str:
+  """One step of a pytree path as text: a dict key, a list index or an attribute."""
+  return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+
+
 def _paths(tree) -> set[str]:
-  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-  return {'/'.join(map(name, path)) for path, _ in
+  return {'/'.join(map(key_name, path)) for path, _ in
           jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -29,15 +29,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from tokcom_jax import stacks
 from tokcom_jax.errors import CheckpointError
+from tokcom_jax.models import stacks
+from tokcom_jax.storage import files
+
 
 BEST_METRIC = 'eval/loss'
 
 
 def checkpoint_dir(workdir) -> epath.Path:
   workdir = str(workdir)
-  if '://' not in workdir:  # orbax wants absolute local paths; gs:// stays as is
+  if not files.is_remote(workdir):  # orbax wants absolute local paths; gs:// stays as is
     workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / 'checkpoints'
 
@@ -120,10 +122,6 @@ def _short(error: Exception) -> str:
       type(error).__name__)
 
 
-def _name(key) -> str:
-  return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
-
-
 def _saved_tree(mngr: ocp.CheckpointManager, step: int):
   """The saved state's tree of array metadata (shapes), read without the arrays."""
   return ocp.StandardCheckpointHandler().metadata(
@@ -137,10 +135,10 @@ def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=(),
   in one array while orbax's reads of the others are still in flight; their
   completions then find the restore's event loop closed, and each prints a
   traceback ("Event loop is closed") long after the error."""
-  saved = {'/'.join(map(_name, path)): x.shape for path, x in
+  saved = {'/'.join(map(stacks.key_name, path)): x.shape for path, x in
            jax.tree_util.tree_flatten_with_path(
                _saved_tree(mngr, step) if saved_tree is None else saved_tree)[0]}
-  names = ['/'.join(map(_name, prefix + tuple(path))) for path, _ in
+  names = ['/'.join(map(stacks.key_name, prefix + tuple(path))) for path, _ in
            jax.tree_util.tree_flatten_with_path(target)[0]]
   for name, x in sorted(zip(names, jax.tree.leaves(target)),
                         key=lambda item: not item[0].startswith('params')):

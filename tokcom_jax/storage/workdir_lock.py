@@ -23,7 +23,8 @@ import time
 from etils import epath
 
 from tokcom_jax.errors import CheckpointError
-from tokcom_jax.sources import is_remote
+from tokcom_jax.storage.files import is_remote
+
 
 LOCK_NAME = 'lock'
 

@@ -8,6 +8,8 @@ which stage it is.
 
 from __future__ import annotations
 
+import collections
+import json
 from typing import Callable, Iterable
 
 import jax
@@ -16,8 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tokcom_jax import sharding
 from tokcom_jax.errors import TrainingError
+from tokcom_jax.training import sharding
 
 
 def merged(graphdef, params, frozen_graphdefs, frozen_params):
@@ -120,3 +122,42 @@ def read_metrics(pending: list[tuple[int, dict]], max_nan_steps: int,
   mean['skipped_steps'] = float(len(fetched) - len(good))
   mean['nonfinite_total'] = float(fetched[-1]['nonfinite_total'])
   return mean
+
+
+# ------------------------------------------------------------ reuse within a process
+
+# Config fields no traced step reads: where the data and the run live, how often to
+# log, evaluate and save. Two runs that differ only in these share their steps.
+RUN_ONLY = {'data': None, 'vae_workdir': None, 'wandb': None,
+            'train': ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+                      'keep_checkpoints', 'max_nan_steps'),
+            'sample': ('num_samples', 'sample_every')}
+KEEP_TRACED = 8  # step sets kept per process
+_TRACED: collections.OrderedDict = collections.OrderedDict()
+
+
+def step_key(config, total_steps: int, graphdef, frozen_graphdefs, mesh) -> tuple:
+  """What a stage's jitted steps depend on: the config less `RUN_ONLY`, the length
+  of the schedule, the model structures and the mesh."""
+  fields = config.to_dict()
+  for name, sub in RUN_ONLY.items():
+    if sub is None:
+      fields.pop(name, None)
+    else:
+      fields[name] = {k: v for k, v in fields[name].items() if k not in sub}
+  frozen = tuple(sorted(frozen_graphdefs.items()))
+  return (json.dumps(fields, sort_keys=True, default=str), total_steps, graphdef,
+          frozen, mesh)
+
+
+def reuse(key: tuple, make: Callable[[], tuple]) -> tuple:
+  """`make()`, or what it returned for the same `key` earlier in this process: a
+  second run of the same shapes (a resumed run, stage 2 after stage 1 of another
+  config, a test suite) reuses the jitted steps, their traces and compiled code,
+  instead of tracing them again."""
+  if key not in _TRACED:
+    _TRACED[key] = make()
+    while len(_TRACED) > KEEP_TRACED:
+      _TRACED.popitem(last=False)
+  _TRACED.move_to_end(key)
+  return _TRACED[key]

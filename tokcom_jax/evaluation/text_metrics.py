@@ -168,11 +168,6 @@ class ChunkIndex:
     return found
 
 
-def build_chunk_index(stream: np.ndarray, k: int = 4) -> ChunkIndex:
-  """ChunkIndex(stream, k): every K-gram of the training stream, at any offset."""
-  return ChunkIndex(stream, k)
-
-
 def chunk_validity(index: ChunkIndex, sequences: Iterable[Sequence[int]]) -> float:
   """The share of the sequences' non-overlapping K-token chunks (tokens 0..K-1,
   K..2K-1, ...; a trailing partial chunk is dropped) that occur somewhere in the

@@ -7,9 +7,7 @@ a `build(rngs) -> nnx.Module` function and knows nothing of what it builds.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +15,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tokcom_jax import checkpoint, sharding, stacks
 from tokcom_jax.errors import TrainingError
-
-Build = Callable[[nnx.Rngs], nnx.Module]
+from tokcom_jax.models import stacks
+from tokcom_jax.stages.base import Build, FrozenModel
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.training import sharding
 
 
 def abstract_params(build: Build, mesh):
@@ -53,16 +52,12 @@ def make_optimizer(train_config, lr: float, total_steps: int):
   return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), schedule
 
 
-def _name(key) -> str:
-  return str(getattr(key, 'key', getattr(key, 'name', key)))
-
-
 def decays(path, param) -> bool:
   """Weight decay on weight matrices and embeddings only: never on norm scales or
   biases (attention's q/k/v biases are [heads, head_dim], so ndim cannot tell), and
   a scanned stack's leading `layers` axis does not count as a dimension of the
   parameter."""
-  names = [_name(k) for k in path]
+  names = [stacks.key_name(k) for k in path]
   return param.ndim - stacks.is_stacked(names) >= 2 and names[-1] != 'bias'
 
 
@@ -105,14 +100,6 @@ def per_device_bytes(tree) -> int:
 
 
 # -------------------------------------------------------------------- frozen models
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenModel:
-  """A trained model that a stage reads but does not train (stage 2's VAE)."""
-  build: Build
-  workdir: str
-  missing_hint: str  # what to do when `workdir` has no checkpoint
 
 
 def frozen_graphdefs(frozen: dict[str, FrozenModel]) -> dict:

@@ -15,9 +15,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tokcom_jax import lm, stages
+from tokcom_jax import stages
+from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
-from tokcom_jax.tokenizer import ids_text, text_ids
+from tokcom_jax.models import lm
 
 
 class AutoregressiveLM:

@@ -1,6 +1,6 @@
 """The autoregressive baseline: a causal Qwen2-style token LM and its KV-cache sampler.
 
-Built from the same layers as the VAE and the flow model (`tokcom_jax.layers`), so the
+Built from the same layers as the VAE and the flow model (`tokcom_jax.models.layers`), so the
 baseline differs from TokCom in what it models, not in how its blocks are made.
 
     model = CausalLM(LMConfig.from_config(config), rngs=nnx.Rngs(0))
@@ -11,7 +11,7 @@ baseline differs from TokCom in what it models, not in how its blocks are made.
                       max_new_tokens=32, temperature=1.0, top_k=50)
 
 B batch, T sequence, S token buffer length, D model width, V vocab.
-The KV cache layout is described in `tokcom_jax.layers`.
+The KV cache layout is described in `tokcom_jax.models.layers`.
 """
 
 from __future__ import annotations
@@ -25,26 +25,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax import layers, stacks
-from tokcom_jax.decoding import choose_tokens
+from tokcom_jax.models import axes, layers, stacks
+from tokcom_jax.models.decoding import choose_tokens
 
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LMConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig(layers.StackFields):
   vocab_size: int
-  hidden_size: int
   num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  intermediate_size: int
-  rope_theta: float = 1_000_000.0
-  rms_eps: float = 1e-6
   tie_embeddings: bool = False  # lm_head = embedding matrix, as in Qwen2-0.5B
-  dtype: Any = jnp.float32
-  scan_layers: bool = False  # stacks.make_blocks
-  remat: str = 'none'
 
   @property
   def transformer(self) -> layers.TransformerConfig:
@@ -66,7 +57,7 @@ class CausalLM(nnx.Module):
     D, V = cfg.hidden_size, cfg.vocab_size
     self.embed = nnx.Embed(
         V, D, dtype=cfg.dtype,
-        embedding_init=layers.partitioned(layers.default_init, 'vocab', 'embed'),
+        embedding_init=axes.partitioned(layers.default_init, 'vocab', 'embed'),
         rngs=rngs)
     self.transformer = layers.Transformer(cfg.transformer, rngs=rngs)
     if not cfg.tie_embeddings:

@@ -2,12 +2,13 @@
 
 A `Rule` says what a value may be; `CONFIG` gives one to every field of
 `config_lib.base_config()` (a new field is one line here, and a test fails while a
-field has none). `config_lib.validate` calls `check_config`; the flags of the entry
-points have their rules in `tokcom_jax.flag_ranges`. A value out of range is a
-`ConfigError` of one line that names the field, the value, what is allowed and how
-to fix it:
+field has none); the entry points' flags have their tables in `tokcom_jax.cli`. One
+loop (`_check`) checks fields and flags alike; `check_config` then checks the fields
+that must agree. A value out of range is a `ConfigError` of one line that names the
+field, the value, what is allowed and how to fix it:
 
     train.batch_size=0: must be a positive integer (set --config.train.batch_size=N)
+    --top_p=1.5: must be a number in (0, 1] (pass --top_p=P)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from typing import Any, Callable, NamedTuple
 
 from tokcom_jax.errors import ConfigError
+from tokcom_jax.storage.files import is_remote
 
 
 class Rule(NamedTuple):
@@ -73,10 +75,6 @@ SOURCE = rule(
 
 
 # ------------------------------------------------------------------------- paths
-
-
-def is_remote(path: str) -> bool:
-  return '://' in path  # gs:// and friends: checked where they are opened
 
 
 def _existing_ancestor(path: str) -> str:
@@ -190,7 +188,6 @@ CONFIG: dict[str, Rule] = {
     'wandb.mode': one_of('disabled', 'online', 'offline'),
 }
 
-
 _MISSING = object()
 
 
@@ -203,26 +200,43 @@ def _get(config, path: str):
   return node
 
 
-def _value(v) -> str:
-  return repr(v) if isinstance(v, str) else str(v)
+def _check(get: Callable[[str], Any], rules: dict[str, Rule], flags: bool) -> None:
+  """Every value `get(name)` gives (not missing, not None) against its rule: a config
+  field's fix is `--config.<path>=…`, a flag's `--<name>=…`."""
+  for name, r in rules.items():
+    value = get(name)
+    if value is _MISSING or value is None:
+      continue
+    problem = r.problem(value)
+    if problem:
+      shown = f'--{name}={value}' if flags else (
+          f'{name}={value!r}' if isinstance(value, str) else f'{name}={value}')
+      fix = (f' ({"pass --" if flags else "set --config."}{name}={r.example})'
+             if r.example else '')
+      raise ConfigError(f'{shown}: {problem}{fix}')
 
 
 def check_config(config) -> None:
   """Every field against its rule, then the fields that must agree; raises
   ConfigError, one line, at the first problem."""
-  for path, r in CONFIG.items():
-    value = _get(config, path)
-    if value is _MISSING:
-      continue
-    problem = r.problem(value)
-    if problem:
-      fix = f' (set --config.{path}={r.example})' if r.example else ''
-      raise ConfigError(f'{path}={_value(value)}: {problem}{fix}')
+  _check(lambda path: _get(config, path), CONFIG, flags=False)
   _check_combinations(config)
+
+
+def check_flags(values: dict[str, Any], rules: dict[str, Rule]) -> None:
+  """The flags in `rules` (absent or None: not given) against their rules."""
+  _check(values.get, rules, flags=True)
 
 
 def _fail(fields: str, problem: str, fix: str):
   raise ConfigError(f'{fields}: {problem} (set --config.{fix})')
+
+
+def check_mesh_axes(data: int, fsdp: int) -> None:
+  """The rule of `config.mesh` that needs no device count (`sharding.mesh_shape`
+  checks the rest where the devices are known)."""
+  if data == -1 and fsdp == -1:
+    _fail('mesh.data=-1, mesh.fsdp=-1', 'at most one axis can be -1', 'mesh.fsdp=1')
 
 
 def _check_combinations(c) -> None:
@@ -242,8 +256,7 @@ def _check_combinations(c) -> None:
       divisor = max(d for d in range(1, KV + 1) if H % d == 0)
       _fail(f'{name}.num_heads={H}', f'is not divisible by {name}.num_kv_heads {KV}',
             f'{name}.num_kv_heads={divisor}')
-  if c.mesh.data == -1 and c.mesh.fsdp == -1:
-    _fail('mesh.data=-1, mesh.fsdp=-1', 'at most one axis can be -1', 'mesh.fsdp=1')
+  check_mesh_axes(c.mesh.data, c.mesh.fsdp)
   if c.vae.autoregressive_decoder and not c.vae.decoder_causal:
     _fail('vae.autoregressive_decoder=True, vae.decoder_causal=False',
           "a token must not see its chunk's later tokens", 'vae.decoder_causal=True')
@@ -259,20 +272,3 @@ def _check_combinations(c) -> None:
     if s.num_steps == 0 and s.epochs == 0:
       _fail(f'train.{stage}.num_steps=0, train.{stage}.epochs=0',
             'there is nothing to train', f'train.{stage}.num_steps=N')
-
-
-def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
-  """(data, fsdp) of config.mesh on `num_devices` devices; -1 is "the rest"."""
-  def fail(name, value, fix):
-    _fail(f'mesh.{name}={value}', f'mesh {data}x{fsdp} (data x fsdp) does not fit the'
-          f' {num_devices} devices there are', fix)
-  if data == -1 and fsdp == -1:
-    _fail('mesh.data=-1, mesh.fsdp=-1', 'at most one axis can be -1', 'mesh.fsdp=1')
-  for name, size, fix in (('data', data, 'mesh.data=-1'), ('fsdp', fsdp, 'mesh.fsdp=1')):
-    if size != -1 and (size < 1 or num_devices % size):
-      fail(name, size, fix)
-  resolved = (num_devices // fsdp if data == -1 else data,
-              num_devices // data if fsdp == -1 else fsdp)
-  if resolved[0] * resolved[1] != num_devices:
-    fail('data', data, f'mesh.data={num_devices // resolved[1]}')
-  return resolved

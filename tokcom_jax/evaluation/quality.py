@@ -21,11 +21,8 @@ import json
 import os
 
 import numpy as np
-from etils import epath
 
-from tokcom_jax import files, text_metrics
-
-ROWS = ('real', 'shuffled', 'tokcom', 'ar')
+from tokcom_jax.evaluation import text_metrics
 
 
 def find_reference(workdir: str) -> str | None:
@@ -88,24 +85,3 @@ def markdown_table(quality: dict) -> str:
     lines.append(f'| {name} | {r["perplexity"]:.2f} | {r["unigram_entropy"]:.3f} |'
                  f' {r["chunk_validity"]:.3f} |')
   return '\n'.join(lines)
-
-
-def plot(quality: dict, path: epath.Path, save=files.write_figure) -> str | None:
-  """Perplexity against entropy, one point per set of texts; `save(fig, path)`
-  writes it and returns where."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 4))
-  for name, r in quality['rows'].items():
-    ax.scatter(r['unigram_entropy'], r['perplexity'], s=40)
-    ax.annotate(f'{name} ({r["chunk_validity"]:.2f})',
-                (r['unigram_entropy'], r['perplexity']),
-                textcoords='offset points', xytext=(5, 5))
-  ax.set(xlabel='unigram entropy (bits / token)', yscale='log',
-         ylabel=f'perplexity under {os.path.basename(quality["reference"])}',
-         title='generation quality (chunk validity in brackets)')
-  fig.tight_layout()
-  written = save(fig, path)
-  plt.close(fig)
-  return written

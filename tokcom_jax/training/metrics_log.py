@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from tokcom_jax import files
+from tokcom_jax.storage import files
 
 
 class MetricsLog:

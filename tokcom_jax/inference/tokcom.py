@@ -24,16 +24,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tokcom_jax import (checkpoint, config_lib, flow, portable, sharding, stages,
-                        train_state)
-from tokcom_jax.decoding import choose_tokens
+from tokcom_jax import stages
+from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
-from tokcom_jax.lm_sampling import AutoregressiveLM, check_counts
-from tokcom_jax.tokenizer import ids_text, load_tokenizer, text_ids
+from tokcom_jax.inference.autoregressive import check_counts
+from tokcom_jax.models import flow, samplers
+from tokcom_jax.models.decoding import choose_tokens
 
 Array = jax.Array
-PREFIX_GUIDANCE_STEPS = 8  # gradient steps per Euler step toward a partial chunk
-PREFIX_GUIDANCE_STEP = 0.25  # their length, as a share of the prompt latents' RMS
 
 
 class TokCom:
@@ -73,8 +71,9 @@ class TokCom:
   def _sample_latents(self, dit_params, x0_BNZ, steps, known_mask_BN, known_BNZ):
     """Noise (in the flow's units) → VAE latents; `known_BNZ` are VAE latents."""
     model = nnx.merge(self.dit_graphdef, dit_params)
-    x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
-                      known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ))
+    x = samplers.generate(model, x0_BNZ, steps, self._flow_cfg,
+                          known_mask_BN=known_mask_BN,
+                          known_BNZ=model.to_flow(known_BNZ))
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
@@ -99,16 +98,11 @@ class TokCom:
     # Steps of a fixed share of the latents' own size, measured on the prompt's.
     size = jnp.sqrt(jnp.mean(jnp.square(model.to_flow(prompt_BMZ)))) + 1e-6
 
-    def refine(x1_BNZ):
-      for _ in range(PREFIX_GUIDANCE_STEPS):
-        g = jax.grad(prefix_ce)(x1_BNZ) * partial_BN1
-        norm = jnp.sqrt(jnp.sum(jnp.square(g), -1, keepdims=True)) + 1e-12
-        x1_BNZ = x1_BNZ - PREFIX_GUIDANCE_STEP * size * g / norm
-      return x1_BNZ
-
-    x = flow.generate(model, x0_BNZ, steps, self._flow_cfg,
-                      known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
-                      refine=refine, refine_chunks_N=partial_BN1.max(axis=(0, 2)) > 0)
+    x = samplers.generate(model, x0_BNZ, steps, self._flow_cfg,
+                          known_mask_BN=known_mask_BN,
+                          known_BNZ=model.to_flow(known_BNZ),
+                          refine=samplers.prefix_guidance(prefix_ce, size, partial_BN1),
+                          refine_chunks_N=partial_BN1.max(axis=(0, 2)) > 0)
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
@@ -117,7 +111,8 @@ class TokCom:
   def _tokens(self, text: str) -> np.ndarray:
     return text_ids(self.tokenizer, text)
 
-  def _text(self, ids) -> str:
+  def text(self, ids) -> str:
+    """Token ids → text (special tokens dropped)."""
     return ids_text(self.tokenizer, ids)
 
   # ----- public API
@@ -143,7 +138,7 @@ class TokCom:
       raise SamplingError('latents must be finite; these hold NaN or inf.')
     tokens = self._decode(self.vae_params, jnp.asarray(z, jnp.float32)[None],
                           jax.random.key(seed), temperature, top_k, top_p)
-    return self._text(tokens[0])
+    return self.text(tokens[0])
 
   def reconstruct(self, text: str, **sampling) -> str:
     ids = self._tokens(text)
@@ -152,7 +147,7 @@ class TokCom:
                           jax.random.key(sampling.pop('seed', 0)),
                           sampling.get('temperature', 0.0), sampling.get('top_k', 0),
                           sampling.get('top_p', 1.0))
-    return self._text(np.asarray(tokens[0])[:len(ids)])
+    return self.text(np.asarray(tokens[0])[:len(ids)])
 
   def sample(self, num_samples: int = 1, num_chunks: int | None = None,
              steps: int = 50, seed: int = 0, prompt: str | None = None,
@@ -228,9 +223,9 @@ class TokCom:
     _, tokens = self.sample(num_samples, num_chunks, steps, seed, prompt, batch_size,
                             temperature, top_k, top_p, noise_scale)
     if not prompt:
-      return [self._text(row) for row in tokens]
+      return [self.text(row) for row in tokens]
     skip = len(self._tokens(prompt))
-    return [prompt + self._text(row[skip:]) for row in tokens]
+    return [prompt + self.text(row[skip:]) for row in tokens]
 
   def encode_tokens(self, tokens_BL) -> np.ndarray:
     """Token windows [B, L] (L a multiple of chunk_size) → latent means [B, L/K, Z]."""
@@ -241,30 +236,3 @@ class TokCom:
     return np.asarray(self._decode(self.vae_params,
                                    jnp.asarray(latents_BNZ, jnp.float32),
                                    jax.random.key(0), 0.0, 0, 1.0))
-
-
-def load(workdir: str, vae_workdir: str | None = None) -> TokCom | AutoregressiveLM:
-  """Loads what train.py wrote in `workdir`: a TokCom (from a stage-2 run, or the
-  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run).
-
-  A stage-2 run finds its VAE where it recorded it (relative to itself, so a moved
-  or copied runs/ tree loads) or at `vae_workdir`, and refuses any VAE other than
-  the checkpoint it was trained on (tokcom_jax.portable)."""
-  _, meta = checkpoint.read_meta(workdir)
-  config = config_lib.from_dict(meta['config'])
-  mesh = sharding.make_mesh(-1, 1)
-  abstract = lambda stage: train_state.abstract_params(
-      stages.get(config, stage).build, mesh)[1]
-  restore = lambda stage: checkpoint.restore_params(workdir, abstract(stage))[0]
-  if meta['stage'] in ('ar', 'vae'):
-    tokenizer = load_tokenizer(config.tokenizer, portable.tokenizer_dir(workdir, meta))
-    if meta['stage'] == 'ar':
-      return AutoregressiveLM(config, tokenizer, restore('ar'), workdir=str(workdir))
-    return TokCom(config, tokenizer, restore('vae'), workdir=str(workdir))
-  vae_dir, recorded = portable.find_frozen(workdir, meta, 'vae', vae_workdir)
-  tokenizer = load_tokenizer(config.tokenizer,
-                             portable.tokenizer_dir(workdir, meta, vae_dir))
-  vae_params = portable.restore_frozen(workdir, 'vae', vae_dir, recorded,
-                                       abstract('vae'))
-  return TokCom(config, tokenizer, vae_params, restore(meta['stage']),
-                workdir=str(workdir), vae_workdir=str(vae_dir))

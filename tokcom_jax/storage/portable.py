@@ -17,9 +17,9 @@ import urllib.parse
 
 from etils import epath
 
-from tokcom_jax import checkpoint
 from tokcom_jax.errors import CheckpointError
-from tokcom_jax.sources import is_remote
+from tokcom_jax.storage import checkpoint
+from tokcom_jax.storage.files import is_remote
 
 
 def absolute(path) -> str:

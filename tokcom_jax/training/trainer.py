@@ -25,11 +25,13 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from tokcom_jax import (checkpoint, data, files, portable, sharding, stages, steps,
-                        tokenizer, train_state, workdir_lock)
-from tokcom_jax.config_lib import validate
-from tokcom_jax.errors import ConfigError, TrainingError  # noqa: F401 (re-exported)
-from tokcom_jax.metrics_log import MetricsLog
+from tokcom_jax import stages
+from tokcom_jax.config_checks import check_config
+from tokcom_jax.data import batches, tokenizer
+from tokcom_jax.errors import ConfigError
+from tokcom_jax.storage import checkpoint, files, portable, workdir_lock
+from tokcom_jax.training import sharding, steps, train_state
+from tokcom_jax.training.metrics_log import MetricsLog
 
 
 @dataclasses.dataclass
@@ -83,7 +85,7 @@ def is_sample_step(done: int, total_steps: int, steps_per_epoch: int, sample) ->
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.stage` in `workdir`; 'all' trains the VAE, then the flow model."""
-  validate(config)  # again: --config.field=value flags apply after get_config
+  check_config(config)  # again: --config.field=value flags apply after get_config
   with workdir_lock.hold(workdir, 'training'):
     if config.stage == 'all':  # a stopped stage 1 raises Stopped: no stage 2
       vae_dir = os.path.join(workdir, 'vae')
@@ -129,11 +131,11 @@ class Trainer:
     if jax.process_index() == 0:  # a stage-2 run keeps its own copy of the VAE's
       tokenizer.copy_tokenizer(stage.tokenizer_dir(self.workdir),
                                self.workdir / 'tokenizer')
-    self.train_windows, self.val_windows = data.load_splits(
+    self.train_windows, self.val_windows = batches.load_splits(
         config, self.tokenizer, self.batch_size)
     _warn_once(sharding.cpu_only_warning(config))  # once the run can start
-    self.steps_per_epoch = data.steps_per_epoch(self.train_windows.num_windows,
-                                                self.batch_size)
+    self.steps_per_epoch = batches.steps_per_epoch(self.train_windows.num_windows,
+                                                   self.batch_size)
     sc = tc[stage.name]
     self.total_steps = sc.num_steps if sc.num_steps > 0 else (
         sc.epochs * self.steps_per_epoch)
@@ -143,22 +145,32 @@ class Trainer:
     self.graphdef, self.state = train_state.init_state(stage.build, self.mesh,
                                                        self.optimizer, config.seed)
     fn_args = (stage, self.graphdef, self.frozen_graphdefs)
-    self.train_step = steps.make_train_step(
-        *fn_args, self.optimizer, steps.shardings_of(self.state),
-        steps.shardings_of(self.frozen), self.mesh)
-    self.eval_step = steps.make_eval_step(*fn_args, self.mesh)
-    self.sample_step = steps.make_sample_step(*fn_args, self.mesh)
+    self.train_step, self.eval_step, self.sample_step = steps.reuse(
+        steps.step_key(config, self.total_steps, self.graphdef, self.frozen_graphdefs,
+                       self.mesh),
+        lambda: (steps.make_train_step(*fn_args, self.optimizer,
+                                       steps.shardings_of(self.state),
+                                       steps.shardings_of(self.frozen), self.mesh),
+                 steps.make_eval_step(*fn_args, self.mesh),
+                 steps.make_sample_step(*fn_args, self.mesh)))
     self.key = jax.random.key(config.seed)
     self.rows = sharding.process_rows(self.batch_size, self.mesh)
     self.ckpt = checkpoint.manager(self.workdir, keep=tc.keep_checkpoints)
     # Paths relative to the run, and which checkpoint of each frozen run: a moved
-    # run loads, and never with another VAE (tokcom_jax.portable).
+    # run loads, and never with another VAE (tokcom_jax.storage.portable).
     self.meta = {'stage': stage.name, 'config': config.to_dict(),
                  'tokenizer_dir': 'tokenizer',
                  'frozen': {k: portable.record(self.workdir, f.workdir, *read[k])
                             for k, f in frozen.items()}}
+    # The loop's state, set when run() starts: the metrics log, metrics not yet read
+    # back from the device, the epoch's losses, the last logged metrics.
+    self.log: MetricsLog | None = None
+    self.pending: list[tuple[int, dict]] = []
+    self.epoch_losses: list = []
+    self.last: dict[str, float] = {}
+    self.t_log = 0.0
 
-  def _batch(self, windows: data.Windows, indices: np.ndarray) -> jax.Array:
+  def _batch(self, windows: batches.Windows, indices: np.ndarray) -> jax.Array:
     return sharding.global_batch(windows.get(indices[self.rows]), self.mesh,
                                  self.batch_size)
 
@@ -166,12 +178,12 @@ class Trainer:
     """The stage's eval metrics over `eval_batches` validation batches, with the same
     noise every time so that evaluations are comparable."""
     n, seed = self.val_windows.num_windows, self.config.seed + 1
-    batches = ((self._batch(self.val_windows,
-                            data.eval_indices(b, n, self.batch_size)),
-                jax.random.fold_in(jax.random.key(seed), b))
-               for b in range(self.config.train.eval_batches))
+    val_batches = ((self._batch(self.val_windows,
+                                batches.eval_indices(b, n, self.batch_size)),
+                    jax.random.fold_in(jax.random.key(seed), b))
+                   for b in range(self.config.train.eval_batches))
     ev = steps.evaluate_batches(self.eval_step, self.state['params'], self.frozen,
-                                batches)
+                                val_batches)
     return {f'eval/{k}': v for k, v in ev.items()}
 
   def _restore(self) -> int:
@@ -194,7 +206,7 @@ class Trainer:
       n = self.train_windows.num_windows
       self.state['params'] = self.stage.prepare(
           self.state['params'], self.frozen_graphdefs, self.frozen,
-          (self._batch(self.train_windows, data.eval_indices(b, n, self.batch_size))
+          (self._batch(self.train_windows, batches.eval_indices(b, n, self.batch_size))
            for b in itertools.count()))
     if jax.process_index() == 0:
       files.write_text(self.workdir / 'config.json',
@@ -231,8 +243,8 @@ class Trainer:
         if self.ckpt.latest_step() != step:  # an eval may just have saved it
           self._save(step, force=True)
         break
-      idx = data.train_indices(step, self.config.seed,
-                               self.train_windows.num_windows, self.batch_size)
+      idx = batches.train_indices(step, self.config.seed,
+                                  self.train_windows.num_windows, self.batch_size)
       # Dispatched asynchronously: metrics are read only at log steps.
       self.state, metrics = self.train_step(
           self.state, self._batch(self.train_windows, idx), self.key, self.frozen)

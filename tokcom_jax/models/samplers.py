@@ -1,0 +1,203 @@
+"""Samplers of the flow: noise x0 → latents x1 along the straight path of
+`tokcom_jax.models.flow`, in `steps` Euler steps on the grid of `flow.grid_time`.
+
+- `euler_sample`: every chunk at once (order 'parallel'), with held chunks and a
+  `refine` of each prediction;
+- `chunkwise_sample`: one chunk after another, each from the finished ones (order
+  'chunkwise'), a full model pass per step; `cached_chunkwise_sample` the same with a
+  KV cache over finished chunks (the model's `decode`);
+- `generate` picks one by the flow's order; `prefix_guidance` makes the `refine` that
+  steers a chunk toward the known first tokens of a prompt that ends inside it.
+
+Every sampler moves x_t by the same update, `euler_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tokcom_jax.models import flow, stacks
+
+Array = jax.Array
+# (x_t [B,N,Z], t [B], previous x1 estimate [B,N,Z]) -> x1_pred [B,N,Z]
+PredictX1 = Callable[[Array, Array, Array], Array]
+PREFIX_GUIDANCE_STEPS = 8  # gradient steps per Euler step toward a partial chunk
+PREFIX_GUIDANCE_STEP = 0.25  # their length, as a share of the prompt latents' RMS
+
+
+def step_times(i, steps, shift: float) -> tuple[Array, Array]:
+  """(t, t') of Euler step i of `steps` on the sampler's grid."""
+  return flow.grid_time(i, steps, shift), flow.grid_time(i + 1, steps, shift)
+
+
+def euler_step(x_t: Array, x1_pred: Array, t, t_next) -> Array:
+  """x_t moved from t to t' toward the predicted x1 along the straight path:
+  x_t + (t'-t)·(x1_pred - x_t)/(1-t), written as a lerp of weight r = (t'-t)/(1-t) so
+  that the last step (r = 1) lands exactly on x1_pred."""
+  r = (t_next - t) / (1.0 - t)
+  return (1.0 - r) * x_t + r * x1_pred
+
+
+def prefix_guidance(prefix_ce: Callable[[Array], Array], size: Array,
+                    partial_BN1: Array) -> Callable[[Array], Array]:
+  """A `refine` that moves each prediction of x1 [B, N, Z], by
+  `PREFIX_GUIDANCE_STEPS` normalized gradient steps of length
+  `PREFIX_GUIDANCE_STEP`·`size` on the chunks of `partial_BN1` only, down
+  `prefix_ce(x1)`: the cross-entropy of a prompt's known first tokens of a chunk
+  under the decoder."""
+  def refine(x1_BNZ):
+    for _ in range(PREFIX_GUIDANCE_STEPS):
+      g = jax.grad(prefix_ce)(x1_BNZ) * partial_BN1
+      norm = jnp.sqrt(jnp.sum(jnp.square(g), -1, keepdims=True)) + 1e-12
+      x1_BNZ = x1_BNZ - PREFIX_GUIDANCE_STEP * size * g / norm
+    return x1_BNZ
+  return refine
+
+
+def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
+                 shift: float = 1.0, known_mask_BN: Array | None = None,
+                 known_BNZ: Array | None = None,
+                 refine: Callable[[Array], Array] | None = None) -> Array:
+  """Integrates the flow from t=0 to t=1 in `steps` Euler steps on the grid of
+  `grid_time` (uniform when shift = 1).
+
+  Each step is `euler_step` toward the predicted x1. The
+  predictor is called as predict_x1(x_t, t, x1_prev) with the previous step's
+  estimate (zeros at the first step): self-conditioning models read it, others
+  ignore it.
+
+  `steps` may be a traced integer: one compiled sampler serves any step count.
+  With `known_mask_BN` (True = held) and `known_BNZ`, held chunks follow their own
+  interpolation path (1-t)·x0 + t·known and end exactly at `known`. `refine` maps
+  each prediction of x1 before the step (guidance toward a condition).
+  """
+  B = x0_BNZ.shape[0]
+  steps = jnp.asarray(steps, jnp.int32)
+  held = None if known_mask_BN is None else known_mask_BN[..., None]
+
+  def hold(x_BNZ, t):
+    if held is None:
+      return x_BNZ
+    on_path = flow.interpolate(x0_BNZ, known_BNZ, jnp.full((B,), t))
+    return jnp.where(held, on_path, x_BNZ)
+
+  def step(i, carry):
+    x_BNZ, x1_prev_BNZ = carry
+    t, t_next = step_times(i, steps, shift)
+    x1_pred_BNZ = predict_x1(x_BNZ, jnp.full((B,), t), x1_prev_BNZ)
+    if refine is not None:
+      x1_pred_BNZ = refine(x1_pred_BNZ)
+    return hold(euler_step(x_BNZ, x1_pred_BNZ, t, t_next), t_next), x1_pred_BNZ
+
+  x_BNZ, _ = jax.lax.fori_loop(0, steps, step,
+                               (hold(x0_BNZ, 0.0), jnp.zeros_like(x0_BNZ)))
+  return x_BNZ
+
+
+def chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *, shift: float = 1.0,
+                     known_mask_BN: Array | None = None,
+                     known_BNZ: Array | None = None,
+                     refine: Callable[[Array], Array] | None = None,
+                     refine_chunks_N: Array | None = None) -> Array:
+  """Generates a chunkwise (causal) model's latents one chunk after another: chunk n
+  by `steps` Euler steps from its noise x0[:, n] (the grid and step of
+  `euler_sample`), the model reading the finished chunks < n as clean latents
+  (t = 1) and its own estimate of chunk n as the previous x1.
+
+  Held chunks (`known_mask_BN`) are taken as given, without steps; `refine` maps
+  each prediction of x1 (guidance toward a condition), as in `euler_sample`, while
+  a chunk of `refine_chunks_N` (default: all) is generated: the steps of the others
+  keep only their own chunk's prediction, which a refine of other chunks leaves as is.
+  """
+  B, N, Z = x0_BNZ.shape
+  steps = jnp.asarray(steps, jnp.int32)
+  held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
+             else jnp.asarray(known_mask_BN, bool))
+  known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
+  chunk_N = jnp.arange(N)
+
+  def one_chunk(n, clean_BNZ):
+    at_N1 = (chunk_N == n)[:, None]
+    # Finished chunks at t = 1, this one at t, later ones (never read) at 0.
+    time_BN = lambda t: jnp.broadcast_to(
+        jnp.where(chunk_N < n, 1.0, jnp.where(chunk_N == n, t, 0.0)), (B, N))
+
+    def step(i, carry):
+      x_BZ, x1_prev_BZ = carry
+      t, t_next = step_times(i, steps, shift)
+      x1_BNZ = model(jnp.where(at_N1, x_BZ[:, None], clean_BNZ), time_BN(t),
+                     jnp.where(at_N1, x1_prev_BZ[:, None], clean_BNZ), clean_BNZ)
+      if refine is not None:
+        x1_BNZ = (refine(x1_BNZ) if refine_chunks_N is None else jax.lax.cond(
+            refine_chunks_N[n], refine, lambda x: x, x1_BNZ))
+      x1_pred_BZ = jax.lax.dynamic_index_in_dim(x1_BNZ, n, 1, keepdims=False)
+      return euler_step(x_BZ, x1_pred_BZ, t, t_next), x1_pred_BZ
+
+    held_B = jax.lax.dynamic_index_in_dim(held_BN, n, 1, keepdims=False)
+    x0_BZ = jax.lax.dynamic_index_in_dim(x0_BNZ, n, 1, keepdims=False)
+    todo = jnp.where(jnp.all(held_B), 0, steps)  # a chunk every row holds: no steps
+    x_BZ, _ = jax.lax.fori_loop(0, todo, step, (x0_BZ, jnp.zeros_like(x0_BZ)))
+    known_BZ = jax.lax.dynamic_index_in_dim(known_BNZ, n, 1, keepdims=False)
+    x_BZ = jnp.where(held_B[:, None], known_BZ, x_BZ)
+    return jax.lax.dynamic_update_index_in_dim(clean_BNZ, x_BZ, n, 1)
+
+  return jax.lax.fori_loop(0, N, one_chunk, jnp.zeros_like(x0_BNZ))
+
+
+def cached_chunkwise_sample(model, x0_BNZ: Array, steps: int | Array, *,
+                            shift: float = 1.0, known_mask_BN: Array | None = None,
+                            known_BNZ: Array | None = None) -> Array:
+  """`chunkwise_sample` (no `refine`) with a KV cache: each Euler step runs the model
+  (`.decode`) on chunk n alone over the keys/values the finished chunks left in the
+  cache; one more pass per chunk, its final latent at t = 1, writes them."""
+  B, N, _ = x0_BNZ.shape
+  steps = jnp.asarray(steps, jnp.int32)
+  held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
+             else jnp.asarray(known_mask_BN, bool))
+  known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
+  at = lambda a_BN, n: jax.lax.dynamic_index_in_dim(a_BN, n, 1, keepdims=False)
+
+  def one_chunk(n, carry):
+    clean_BNZ, caches = carry
+    decode = lambda x_BZ, t, prev_BZ, caches: model.decode(
+        x_BZ[:, None], jnp.full((B, 1), t), prev_BZ[:, None], clean_BNZ, caches, n)
+
+    def step(i, carry):
+      x_BZ, x1_prev_BZ, caches = carry
+      t, t_next = step_times(i, steps, shift)
+      x1_B1Z, caches = decode(x_BZ, t, x1_prev_BZ, caches)
+      return euler_step(x_BZ, x1_B1Z[:, 0], t, t_next), x1_B1Z[:, 0], caches
+
+    held_B, x0_BZ = at(held_BN, n), at(x0_BNZ, n)
+    todo = jnp.where(jnp.all(held_B), 0, steps)  # a chunk every row holds: no steps
+    x_BZ, _, caches = jax.lax.fori_loop(0, todo, step,
+                                        (x0_BZ, jnp.zeros_like(x0_BZ), caches))
+    x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
+    _, caches = decode(x_BZ, 1.0, x_BZ, caches)  # as the later chunks read it
+    return jax.lax.dynamic_update_index_in_dim(clean_BNZ, x_BZ, n, 1), caches
+
+  return jax.lax.fori_loop(0, N, one_chunk, (jnp.zeros_like(x0_BNZ),
+                                             model.init_cache(B, N)))[0]
+
+
+def generate(model, x0_BNZ: Array, steps: int | Array, cfg: flow.FlowConfig, **kwargs
+             ) -> Array:
+  """Latents (in the flow's units) from noise x0, in the order of `cfg.order`;
+  keyword arguments as `euler_sample`'s (held chunks, `refine`), and
+  `refine_chunks_N`, the chunks `refine` moves (chunkwise: the others skip it). A
+  flow model (not a bare function) runs as a loop over its layers, and chunkwise
+  without `refine` with its KV cache."""
+  if isinstance(model, nnx.Module):
+    model = stacks.as_loop(model)  # its weights sliced once, not at every step
+  if cfg.order == 'chunkwise':
+    if kwargs.get('refine') is None and isinstance(model, nnx.Module):
+      kwargs = {k: v for k, v in kwargs.items() if k in ('known_mask_BN', 'known_BNZ')}
+      return cached_chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift,
+                                     **kwargs)
+    return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
+  kwargs.pop('refine_chunks_N', None)  # all chunks at once: every step refines
+  return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
