@@ -9,6 +9,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     os.path.expanduser('~'), '.cache', 'tokcom_jax', 'jax_test_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+# The tests compile hundreds of tiny programs that run for microseconds: LLVM's
+# optimization passes are most of their compile time (about 30% of a training test's
+# wall time), so the tests and their subprocesses skip them. Results are checked with
+# tolerances that hold at any optimization level; benchmarks run optimized code.
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -1,6 +1,7 @@
 """benchmarks/accelerator.sh end to end in its reduced (--quick) mode on the CPU: the
 train-step and sampling benchmarks and a short training run, then the Markdown."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from tokcom_jax import stages
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_accelerator_script_runs_end_to_end_on_the_cpu(tmp_path):
   out = subprocess.run(
       ['bash', 'benchmarks/accelerator.sh', '--quick'], cwd=REPO, capture_output=True,

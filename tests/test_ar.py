@@ -1,5 +1,6 @@
 """The autoregressive stage end to end: training, sampling, scoring, CLI."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -68,6 +69,7 @@ def test_generation_keeps_the_prompt_and_is_seeded(ar_run):
   np.testing.assert_array_equal(greedy[0], greedy[1])  # argmax: no randomness
 
 
+@pytest.mark.slow
 def test_sample_cli_generates_from_an_ar_run(ar_run, tmp_path):
   out = subprocess.run(
       [sys.executable, 'sample.py', f'--workdir={ar_run}', '--prompt=class ',

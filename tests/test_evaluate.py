@@ -3,10 +3,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_evaluate_a_run(runs, ar_run):
   vae_dir, dit_dir = runs
   out = subprocess.run(

@@ -45,6 +45,7 @@ def wait_for(condition, proc, what: str, timeout: float = 600):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_resume_continues_from_it(corpus, tmp_path):
   workdir = tmp_path / 'vae'
   with open(tmp_path / 'stderr.txt', 'w') as err:  # a file: a pipe could fill up

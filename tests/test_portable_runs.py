@@ -112,6 +112,7 @@ def test_a_wrong_vae_is_refused_and_vae_workdir_points_at_the_right_one(runs, wr
     tokcom_jax.load(runs[1], vae_workdir=str(wrong / 'short'))
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_wrong_vae_in_one_line_and_takes_vae_workdir(runs, wrong):
   cli = lambda *args: subprocess.run(
       [sys.executable, os.path.join(REPO, 'sample.py'),

@@ -114,6 +114,7 @@ def run_block(block: str, work, env, **extra_env):
   return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_the_tested_shell_blocks_run_on_the_micro_config(clone):
   work, env = clone
   blocks = marked_blocks('<!-- tested -->', 'bash')

@@ -149,6 +149,7 @@ def run_cli(*args):
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
+@pytest.mark.slow
 def test_cli_generates_and_fails_in_one_line(runs, tmp_path):
   ok = run_cli(f'--workdir={runs[1]}', '--steps=3', '--num_samples=2',
                f'--output_file={tmp_path / "g.jsonl"}')
