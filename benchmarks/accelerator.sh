@@ -25,11 +25,14 @@ mkdir -p "$out"
 python -c 'import torch' 2>/dev/null && have_torch=1 || have_torch=0
 
 if (( quick )); then
-  python benchmarks/train_step.py --quick --no_torch --steps 1 > "$out/train.jsonl"
+  # The tiny widths with one layer per stack: every step of the full run, compiled fast.
+  one_layer='vae.encoder_layers=1,vae.decoder_layers=1,dit.num_layers=1'
+  python benchmarks/train_step.py --quick --no_torch --steps 1 --set "$one_layer" \
+    > "$out/train.jsonl"
   python benchmarks/sampling.py --quick --baseline jax --batch_sizes 1 --steps 2 \
     > "$out/sampling.jsonl"
-  smoke='configs/tiny.py:vae,train.vae.num_steps=4,log_every=2,eval_every=0,sample_every=0'
-  label='tiny-shaped stage 1 (--quick)'
+  smoke="configs/tiny.py:vae,$one_layer,train.vae.num_steps=4,log_every=2,eval_every=0,sample_every=0"
+  label='tiny-shaped stage 1, one layer per stack (--quick)'
 else
   torch_args=(--no_torch); baseline=jax
   if (( have_torch )); then torch_args=(); baseline=torch; fi

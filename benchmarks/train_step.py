@@ -150,7 +150,7 @@ def main():
              'flops_per_sec': model_flops / seconds,
              'mfu': model_flops / seconds / (peak * jax.device_count()),
              'scan_layers': config.scan_layers, 'remat': config.remat,
-             'device': common.device_name()}
+             'set': args.set, 'device': common.device_name()}
       common.emit(row)
       if stage == 'vae' and not args.no_torch:
         t_seconds, backend = torch_vae_step(config, args.steps, args.warmup, dtype)

@@ -1,13 +1,13 @@
 """benchmarks/accelerator.sh end to end in its reduced (--quick) mode on the CPU: the
 train-step and sampling benchmarks and a short training run, then the Markdown."""
 
-import pytest
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from configs import tiny
 from tokcom_jax import stages
@@ -31,7 +31,7 @@ def test_accelerator_script_runs_end_to_end_on_the_cpu(tmp_path):
   # run (a tiny step can outrun the matmul probe); what it is made of does not.
   (peak,) = [r['flops_per_sec_per_device'] for r in train if r['bench'] == 'peak']
   for r in steps:
-    config = tiny.get_config(r['stage'])
+    config = tiny.get_config(','.join(filter(None, [r['stage'], r['set']])))
     assert r['model_flops_per_step'] == stages.get(config, r['stage']).train_flops(
         r['batch']), r
     assert r['tokens_per_sec'] > 0 and r['mfu'] > 0, r

@@ -488,6 +488,7 @@ def command(*args):
   return lines[-1]
 
 
+@pytest.mark.slow
 def test_train_exits_2_before_making_the_workdir(tmp_path):
   line = command('train.py', '--config=configs/tiny.py:vae',
                  '--config.train.batch_size=0', f'--workdir={tmp_path}/run')
@@ -496,6 +497,7 @@ def test_train_exits_2_before_making_the_workdir(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.slow
 def test_sample_exits_2_and_leaves_the_run_as_it_was(runs, tmp_path):
   before = snapshot(*runs)
   line = command('sample.py', f'--workdir={runs[1]}', '--top_k=100000000',
@@ -504,6 +506,7 @@ def test_sample_exits_2_and_leaves_the_run_as_it_was(runs, tmp_path):
   assert snapshot(*runs) == before and not (tmp_path / 'out.jsonl').exists()
 
 
+@pytest.mark.slow
 def test_evaluate_exits_2_and_leaves_the_run_as_it_was(runs):
   before = snapshot(*runs)
   line = command('-m', 'tokcom_jax.evaluate', f'--workdir={runs[1]}', '--steps=0')

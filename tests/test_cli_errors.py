@@ -1,4 +1,6 @@
-"""Every user-facing error of train.py: one line on stderr, exit code 2, no traceback."""
+"""Every user-facing error of train.py: one line on stderr, exit code 2, no traceback.
+
+Every test here starts train.py (`slow`)."""
 
 import os
 import subprocess
@@ -6,6 +8,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

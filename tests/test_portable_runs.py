@@ -211,6 +211,7 @@ def test_a_changed_model_config_is_named_before_anything_is_read(runs):
     checkpoint.restore_params(runs[0], abstract)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line_without_orbax_noise(runs, tmp_path):
   """Every checkpoint damaged: orbax's abandoned reads used to print hundreds of
   "Event loop is closed" / "Task exception was never retrieved" tracebacks."""

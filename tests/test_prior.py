@@ -86,6 +86,7 @@ def test_the_prior_mse_is_the_flow_loss_of_the_latent_means():
   assert 0.2 < float(metrics['prior_mse']) < 5.0  # an untrained prior: about 1
 
 
+@pytest.mark.slow
 def test_stage_two_reads_a_vae_with_a_prior_and_samples(corpus, tmp_path):
   """The prior's parameters live in the VAE's checkpoint: the frozen VAE of stage 2
   and sampling restore them with the rest, and training lowers the prior's MSE."""

@@ -5,7 +5,8 @@ A block is marked by an HTML comment on the line before its fence:
   <!-- tested -->            each line is run by bash, in order, in one directory, with
                              `configs/tiny.py` lines made micro-sized (`--config.…`
                              flags appended: a few steps of small models on a small
-                             corpus of standard-library files in ~/code)
+                             corpus of standard-library files in ~/code) and
+                             `evaluate` lines on 8 samples of 32 windows
   <!-- tested offline… -->   its first line is run with HF_HUB_OFFLINE=1: one line
   <!-- run by make demo and make test -->   `make -n` prints each of its commands
 The ```python block marked tested runs against the micro runs of train_fixtures.
@@ -40,6 +41,7 @@ README = REPO / 'README.md'
 MICRO = {**train_fixtures.MICRO, 'train.ar.num_steps': 8, 'ar.hidden_size': 32,
          'ar.num_layers': 1, 'ar.num_heads': 2, 'ar.num_kv_heads': 1,
          'ar.intermediate_size': 64}
+EVALUATE_MICRO = ('--num_samples=8', '--num_windows=32', '--batch_size=8')
 
 
 def marked_blocks(marker: str, language: str) -> list[str]:
@@ -63,9 +65,11 @@ def commands(block: str) -> list[str]:
 
 
 def micro(line: str, corpus: str, cache: str) -> str:
-  """A `python train.py --config configs/tiny.py:<stage>` line, micro-sized (and
-  any line without its comment)."""
+  """A `python train.py --config configs/tiny.py:<stage>` line, micro-sized, an
+  evaluation on fewer samples and windows (and any line without its comment)."""
   line = re.sub(r'\s+#\s.*$', '', line)
+  if line.startswith('python -m tokcom_jax.evaluate'):
+    return line + ' ' + ' '.join(EVALUATE_MICRO)
   match = re.search(r'configs/tiny\.py:(\w+)', line)
   if not line.startswith('python train.py') or not match:
     return line
@@ -137,6 +141,7 @@ def test_the_tested_shell_blocks_run_on_the_micro_config(clone):
   assert (runs / 'mycode' / 'diffusion' / 'checkpoints').is_dir()
 
 
+@pytest.mark.slow
 def test_the_v52_block_stops_offline_with_one_line_naming_the_tiny_config(clone):
   work, env = clone
   (block,) = marked_blocks('<!-- tested offline', 'bash')

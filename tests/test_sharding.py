@@ -86,6 +86,7 @@ def eight_devices():
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', ['4x2', '2x4'])
 def test_one_process_owns_every_row(eight_devices, mesh):
   """A single process addresses all 8 devices, so it loads all 16 rows."""
@@ -94,6 +95,7 @@ def test_one_process_owns_every_row(eight_devices, mesh):
   assert m['shape'] == [16, 3] and m['equal']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', ['4x2', '2x4'])
 def test_batch_rows_follow_mesh_order(eight_devices, mesh):
   """Rows are split over (data, fsdp) together, data-major: the i-th device in mesh
@@ -103,6 +105,7 @@ def test_batch_rows_follow_mesh_order(eight_devices, mesh):
   assert shards == [[i, 2 * i, 2 * i + 2, True, True] for i in range(8)]
 
 
+@pytest.mark.slow
 def test_embed_goes_to_fsdp_only_where_it_divides(eight_devices):
   """`embed` → fsdp, every other logical axis replicated; a width the fsdp size does
   not divide (10 on fsdp 4) stays replicated instead of failing (`_fit`)."""
@@ -116,6 +119,7 @@ def test_embed_goes_to_fsdp_only_where_it_divides(eight_devices):
     assert specs['norm'] == {'scale': ['fsdp']}
 
 
+@pytest.mark.slow
 def test_check_batch_names_the_device_count(eight_devices):
   """16 rows split over 8 devices; 12 do not, and the error says what to set."""
   assert 'batch_size 12 is not divisible by the 8 devices' in eight_devices['check_12']

@@ -261,6 +261,7 @@ def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tm
   np.testing.assert_array_equal(model.decode_tokens(latents), tokens)
 
 
+@pytest.mark.slow
 def test_a_bfloat16_config_on_the_cpu_warns_once_when_the_run_starts(corpus, tmp_path,
                                                                       caplog, monkeypatch):
   """Both stages of `all`, one line (and none for a float32 config)."""

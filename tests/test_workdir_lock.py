@@ -110,6 +110,7 @@ def test_evaluate_of_a_missing_or_read_only_workdir_takes_no_lock(tmp_path,
       pass
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_workdir(corpus, tmp_path):
   """The test process is the first run: it holds the lock for the whole test, so
   the second one (train.py, evaluate) meets it whatever the timing."""
