@@ -8,7 +8,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # process. Results do not depend on it; only compile time does.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     os.path.expanduser('~'), '.cache', 'tokcom_jax', 'jax_test_compilation_cache'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+# Every program, however small: each subprocess otherwise recompiles dozens of them.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # The tests compile hundreds of tiny programs that run for microseconds: LLVM's
 # optimization passes are most of their compile time (about 30% of a training test's
 # wall time), so the tests and their subprocesses skip them. Results are checked with
@@ -29,6 +30,17 @@ def corpus(tmp_path_factory):
   from tests import train_fixtures
   root = tmp_path_factory.mktemp('corpus')
   return train_fixtures.make_corpus(root / 'text'), str(root / 'cache')
+
+
+@pytest.fixture(scope='session')
+def vae_run(corpus, tmp_path_factory):
+  """An uninterrupted 8-step micro VAE run on `corpus` (samples at its end), shared
+  by the tests that compare other runs with it."""
+  from tests import train_fixtures
+  from tokcom_jax.training import trainer as trainer_lib
+  workdir = str(tmp_path_factory.mktemp('runs') / 'vae')
+  trainer_lib.Trainer(train_fixtures.micro_config(*corpus, sample_every=1), workdir).run()
+  return workdir
 
 
 @pytest.fixture(scope='session')

@@ -36,13 +36,6 @@ def assert_same_losses(a, b):
 
 
 @pytest.fixture(scope='module')
-def one_device_run(corpus, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('one') / 'vae')
-  trainer_lib.Trainer(train_fixtures.micro_config(*corpus), workdir).run()
-  return workdir
-
-
-@pytest.fixture(scope='module')
 def four_device_run(corpus, tmp_path_factory):
   """1 process, 4 CPU devices, a 2x2 (data x fsdp) mesh, through train.py."""
   workdir = str(tmp_path_factory.mktemp('four') / 'vae')
@@ -70,12 +63,12 @@ def run_two_processes(workdir, flags, stop_after=None):
   return outs
 
 
-def test_four_devices_match_one(one_device_run, four_device_run):
-  assert_same_losses(losses(four_device_run), losses(one_device_run))
+def test_four_devices_match_one(vae_run, four_device_run):
+  assert_same_losses(losses(four_device_run), losses(vae_run))
 
 
 def test_two_processes_resume_one_process_match_it_and_share_checkpoints(
-    corpus, one_device_run, four_device_run, tmp_path):
+    corpus, vae_run, four_device_run, tmp_path):
   """1 process stops at step 4; 2 processes of 2 devices (a 2x2 mesh) resume it and
   finish: the losses are one process's, the parameters four devices', and 1 process
   on 1 device reads what the 2 processes wrote."""
@@ -83,7 +76,7 @@ def test_two_processes_resume_one_process_match_it_and_share_checkpoints(
   two = str(tmp_path / 'two')
   trainer_lib.Trainer(config, two).run(stop_after=4)
   outs = run_two_processes(two, train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2}))
-  assert_same_losses(losses(two), losses(one_device_run))
+  assert_same_losses(losses(two), losses(vae_run))
   assert_same_losses(losses(two), losses(four_device_run))
   assert len(open(os.path.join(two, 'metrics.jsonl')).readlines()) == 8 + 2
   assert 'vae:' in outs[0][1] and 'vae:' not in outs[1][1]  # one progress bar

@@ -20,15 +20,6 @@ def losses(workdir, key='train/loss'):
   return {r['step']: r[key] for r in rows if key in r}
 
 
-@pytest.fixture(scope='module')
-def vae_run(corpus, tmp_path_factory):
-  """An uninterrupted 8-step VAE run, shared by the tests below."""
-  workdir = str(tmp_path_factory.mktemp('runs') / 'vae')
-  config = train_fixtures.micro_config(*corpus, sample_every=1)
-  trainer_lib.Trainer(config, workdir).run()
-  return workdir
-
-
 def test_vae_run_writes_metrics_config_tokenizer_and_checkpoints(vae_run):
   l = losses(vae_run)
   assert sorted(l) == list(range(1, 9)) and l[8] < l[1]
