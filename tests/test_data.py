@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tests import train_fixtures
 from tokcom_jax.data import batches, sources, tokenizer
 from tokcom_jax.errors import DataError
 
@@ -37,12 +38,8 @@ def test_bpe_round_trips_text():
 
 
 def test_token_cache_is_built_once_and_memory_mapped(tmp_path, monkeypatch):
-  corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(6):
-    (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
-  source = f'files:{corpus}/*.txt'
-  tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
+  source, tok = train_fixtures.small_corpus(
+      tmp_path / 'corpus', [f'document number {i} ' * 20 for i in range(6)])
   stream = batches.load_token_stream(source, 'train', tok, tmp_path / 'cache')
   assert stream.size > 0 and int(np.sum(stream == tok.eos_token_id)) == 5
   monkeypatch.setattr(batches, 'iter_documents',
@@ -131,11 +128,8 @@ def test_files_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
 
 def test_a_changed_file_makes_a_new_token_cache(tmp_path):
   corpus = tmp_path / 'corpus'
-  corpus.mkdir()
-  for i in range(4):
-    (corpus / f'doc{i}.txt').write_text(f'document number {i} ' * 20)
-  source = f'files:{corpus}/*.txt'
-  tok = tokenizer.train_bpe(sources.iter_documents(source, 'train'), vocab_size=300)
+  source, tok = train_fixtures.small_corpus(
+      corpus, [f'document number {i} ' * 20 for i in range(4)])
   before = np.asarray(batches.load_token_stream(source, 'train', tok, tmp_path / 'c'))
   (corpus / 'doc1.txt').write_text('a different text ' * 30)
   after = np.asarray(batches.load_token_stream(source, 'train', tok, tmp_path / 'c'))

@@ -9,19 +9,16 @@ import numpy as np
 import pytest
 from etils import epath
 
-from tokcom_jax.data import batches, sources, tokenizer
+from tests import train_fixtures
+from tokcom_jax.data import batches
 from tokcom_jax.storage import files
 from tokcom_jax.training import metrics_log
 
 
 @pytest.fixture
 def corpus(tmp_path):
-  root = tmp_path / 'corpus'
-  root.mkdir()
-  for i in range(4):
-    (root / f'doc{i}.txt').write_text(f'def f{i}(x):\n    return x * {i}\n' * 30)
-  source = f'files:{root}/*.txt'
-  return source, tokenizer.train_bpe(sources.iter_documents(source, 'train'), 300)
+  return train_fixtures.small_corpus(
+      tmp_path / 'corpus', [f'def f{i}(x):\n    return x * {i}\n' * 30 for i in range(4)])
 
 
 def damage(path, how: str):

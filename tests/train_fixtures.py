@@ -16,6 +16,16 @@ def make_corpus(root: pathlib.Path, files: int = 40) -> str:
   return f'files:{root}/*.txt'
 
 
+def small_corpus(root: pathlib.Path, texts: list[str]):
+  """(`files:` source, a 300-token BPE trained on it): one document per text."""
+  from tokcom_jax.data import sources, tokenizer
+  root.mkdir(parents=True)
+  for i, text in enumerate(texts):
+    (root / f'doc{i}.txt').write_text(text)
+  source = f'files:{root}/*.txt'
+  return source, tokenizer.train_bpe(sources.iter_documents(source, 'train'), 300)
+
+
 def micro_config(source: str, cache_dir: str, stage: str = 'vae', **modifiers):
   mods = dict(MICRO)
   mods.update(modifiers)
