@@ -252,17 +252,21 @@ def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tm
   np.testing.assert_array_equal(model.decode_tokens(latents), tokens)
 
 
-@pytest.mark.slow
-def test_a_bfloat16_config_on_the_cpu_warns_once_when_the_run_starts(corpus, tmp_path,
-                                                                      caplog, monkeypatch):
-  """Both stages of `all`, one line (and none for a float32 config)."""
+def test_a_bfloat16_config_on_the_cpu_warns_once_when_the_run_starts(
+    corpus, vae_run, tmp_path, caplog, monkeypatch):
+  """Both stages of a run in one process (as `all` starts them), one line; none for
+  a float32 config. Each warns when its Trainer is made, once the run can start."""
   monkeypatch.setattr(trainer_lib, '_WARNED', set())
-  steps = {'train.vae.num_steps': 2, 'train.diffusion.num_steps': 2}
-  config = train_fixtures.micro_config(*corpus, stage='all', compute_dtype='bfloat16',
-                                       **steps)
+  bf16 = dict(compute_dtype='bfloat16')
   with caplog.at_level('WARNING'):
-    trainer_lib.train(config, str(tmp_path / 'bf16'))
-    trainer_lib.Trainer(train_fixtures.micro_config(*corpus, **steps),
-                      str(tmp_path / 'fp32'))
-  found = [r.getMessage() for r in caplog.records if 'found only the CPU' in r.getMessage()]
-  assert len(found) == 1 and 'compute_dtype=bfloat16' in found[0], found
+    trainer_lib.Trainer(train_fixtures.micro_config(*corpus, **bf16),
+                        str(tmp_path / 'vae'))
+    trainer_lib.Trainer(train_fixtures.micro_config(
+        *corpus, stage='diffusion', vae_workdir=vae_run, **bf16),
+        str(tmp_path / 'diffusion'))
+    found = [r.getMessage() for r in caplog.records
+             if 'found only the CPU' in r.getMessage()]
+    assert len(found) == 1 and 'compute_dtype=bfloat16' in found[0], found
+    monkeypatch.setattr(trainer_lib, '_WARNED', set())
+    trainer_lib.Trainer(train_fixtures.micro_config(*corpus), str(tmp_path / 'fp32'))
+  assert len([r for r in caplog.records if 'found only the CPU' in r.getMessage()]) == 1
