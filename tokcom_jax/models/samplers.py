@@ -65,10 +65,9 @@ def euler_sample(predict_x1: PredictX1, x0_BNZ: Array, steps: int | Array, *,
   """Integrates the flow from t=0 to t=1 in `steps` Euler steps on the grid of
   `grid_time` (uniform when shift = 1).
 
-  Each step is `euler_step` toward the predicted x1. The
-  predictor is called as predict_x1(x_t, t, x1_prev) with the previous step's
-  estimate (zeros at the first step): self-conditioning models read it, others
-  ignore it.
+  Each step is `euler_step` toward the predicted x1. The predictor is called as
+  predict_x1(x_t, t, x1_prev) with the previous step's estimate (zeros at the first
+  step): self-conditioning models read it, others ignore it.
 
   `steps` may be a traced integer: one compiled sampler serves any step count.
   With `known_mask_BN` (True = held) and `known_BNZ`, held chunks follow their own
