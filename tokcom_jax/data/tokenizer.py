@@ -52,9 +52,8 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
   trained on the same corpus before is read from `trained_dir` instead of being
   trained again (every stage and run on one corpus then shares one tokenizer).
   """
-  from transformers import AutoTokenizer
   if save_dir and (epath.Path(save_dir) / 'tokenizer_config.json').exists():
-    return AutoTokenizer.from_pretrained(_local_dir(save_dir))
+    return _from_dir(_local_dir(save_dir))
   if spec.startswith('bpe:'):
     try:
       vocab_size = int(spec[len('bpe:'):])
@@ -64,13 +63,14 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
     if train_texts is None:
       raise DataError(f'tokenizer {spec!r} must be trained, but there is no text.')
     if trained_dir and (pathlib.Path(trained_dir) / 'tokenizer_config.json').exists():
-      tokenizer = AutoTokenizer.from_pretrained(str(trained_dir))
+      tokenizer = _from_dir(str(trained_dir))
     else:
       logging.info('training a %d-token byte-level BPE tokenizer', vocab_size)
       tokenizer = train_bpe(train_texts(), vocab_size)
       if trained_dir:
         _save_tokenizer(tokenizer, trained_dir)
   else:
+    from transformers import AutoTokenizer
     try:
       local = os.path.isdir(spec) or not hub_reachable()
       tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)
@@ -83,6 +83,26 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
   if save_dir:
     _save_tokenizer(tokenizer, save_dir)
   return tokenizer
+
+
+def _from_dir(path: str):
+  """A tokenizer saved with `save_pretrained` in the local directory `path`.
+
+  The generic fast class (what `train_bpe` makes) is built directly: `AutoTokenizer`
+  would give the same object a quarter of a second later (it resolves the class
+  and imports the model-config registry). Any other class goes through `AutoTokenizer`.
+  """
+  import json
+  from transformers import PreTrainedTokenizerFast
+  config = pathlib.Path(path) / 'tokenizer_config.json'
+  try:
+    cls = json.loads(config.read_text()).get('tokenizer_class')
+  except (OSError, ValueError, AttributeError):
+    cls = None
+  if cls == PreTrainedTokenizerFast.__name__:
+    return PreTrainedTokenizerFast.from_pretrained(path)
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path)
 
 
 def _local_dir(path) -> str:
