@@ -26,7 +26,9 @@ _VAE_WORKDIR = flags.DEFINE_string(
     ' recorded it (a moved stage-1 run).')
 _MODE = flags.DEFINE_enum('mode', 'generate',
                           ['generate', 'reconstruct', 'encode', 'decode'], 'What to do.')
-_STEPS = flags.DEFINE_integer('steps', 50, 'Euler steps from noise to latents.')
+_STEPS = flags.DEFINE_integer(
+    'steps', None, "Euler steps from noise to latents (of each chunk's head in a"
+    " chunk generator); default: the run's sample.steps.")
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 2, 'Texts to generate.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Samples per batch'
                                    ' (default: all at once).')

@@ -7,7 +7,7 @@ from flax import nnx
 
 from configs import v52
 from tests import helpers
-from tokcom_jax.models import vae
+from tokcom_jax.models import token_metrics, vae
 
 
 def qwen2_stack_params(layers, D, heads, kv_heads, F):
@@ -82,7 +82,7 @@ def test_metrics_on_known_logits():
   predicted = jnp.array([[1, 2, 1, 0]])
   logits = jax.nn.one_hot(predicted, 4) * 10.0
   mask = jnp.array([[1, 1, 1, 0]])
-  m = vae.reconstruction_metrics(logits, tokens, mask, chunk_size=2)
+  m = token_metrics.reconstruction_metrics(logits, tokens, mask, chunk_size=2)
   np.testing.assert_allclose(m['token_accuracy'], 2 / 3, rtol=1e-6)
   np.testing.assert_allclose(m['chunk_exact_match'], 1 / 2, rtol=1e-6)
   ce_right = -jax.nn.log_softmax(jnp.array([10.0, 0, 0, 0]))[0]

@@ -157,7 +157,14 @@ CONFIG: dict[str, Rule] = {
     'flow.mse_weight': NON_NEGATIVE,
     'flow.standardize': BOOL,
     'flow.self_condition': BOOL,
-    'flow.order': one_of('parallel', 'chunkwise'),
+    'flow.order': one_of('parallel', 'chunkwise', 'head'),
+    'head.kind': one_of('flow', 'energy'),
+    'head.width': POSITIVE_INT,
+    'head.blocks': COUNT,
+    'head.batch_mul': POSITIVE_INT,
+    'head.predict': one_of('x1', 'velocity'),
+    'head.input': one_of('tokens', 'latent'),
+    'head.token_loss': NON_NEGATIVE,
     'sample.noise_scale': POSITIVE,
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
     **_section('ar', _TRANSFORMER),
@@ -267,6 +274,10 @@ def _check_combinations(c) -> None:
   if not (c.flow.ce_weight > 0 or c.flow.mse_weight > 0):
     _fail(f'flow.ce_weight={c.flow.ce_weight}, flow.mse_weight={c.flow.mse_weight}',
           'stage 2 would learn nothing', 'flow.mse_weight=1')
+  if c.flow.order == 'head' and c.head.kind == 'energy' and c.head.batch_mul < 2:
+    _fail(f'head.kind=energy, head.batch_mul={c.head.batch_mul}',
+          'the energy score compares at least 2 samples per position',
+          'head.batch_mul=8')
   for stage in ('vae', 'diffusion') if c.stage == 'all' else (c.stage,):
     s = c.train[stage]
     if s.num_steps == 0 and s.epochs == 0:

@@ -68,6 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
       noise_std=0.05, t_schedule='uniform', t_mean=0.0, t_std=1.0, t_shift=1.0,
       sample_shift=1.0, ce_weight=1.0, ce_min_t=0.0, mse_weight=1.0, standardize=False,
       self_condition=False, order='parallel'))
+  # The chunk generator's head (flow.order='head'; tokcom_jax/models/generator.py):
+  # a flow head (MAR's) or an energy head (CALM's) of `blocks` residual MLP blocks of
+  # `width`, `batch_mul` draws per trunk position in training, predicting x1 or the
+  # velocity; the trunk reads the previous chunk's 'tokens' or 'latent'; token_loss
+  # weighs the trunk's next-chunk token cross-entropy.
+  c.head = ml_collections.ConfigDict(dict(
+      kind='flow', width=256, blocks=3, batch_mul=4, predict='x1', input='tokens',
+      token_loss=0.0))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.

@@ -39,7 +39,7 @@ from tokcom_jax.errors import DataError, SamplingError
 from tokcom_jax.storage import files, workdir_lock
 
 
-def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
+def evaluate(workdir: str, num_samples: int = 64, steps: int | None = None,
              num_windows: int = 256, batch_size: int = 32, seed: int = 0,
              reference: str | None = None, vae_workdir: str | None = None,
              noise_scale: float | None = None) -> dict:
@@ -49,8 +49,8 @@ def evaluate(workdir: str, num_samples: int = 64, steps: int = 50,
   `reference`: the `ar` run that scores generation quality (default: the newest
   `ar` run beside `workdir`, or `workdir` itself when it is one). `vae_workdir`:
   where a stage-2 run's VAE is, when not where the run recorded it. `noise_scale`:
-  the sampler's (default: the run's `sample.noise_scale`)."""
-  if steps < 1 or num_samples < 1 or num_windows < 1 or batch_size < 1:
+  the sampler's (default: the run's `sample.noise_scale`); `steps` likewise."""
+  if (steps is not None and steps < 1) or num_samples < 1 or num_windows < 1 or batch_size < 1:
     raise SamplingError('--steps, --num_samples, --num_windows and --batch_size must'
                         ' be positive.')
   with workdir_lock.hold(workdir, 'evaluation', create=False, required=False):
@@ -94,6 +94,7 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
   if not is_ar and model.dit_params is not None:
     result.update(model_metrics.flow_metrics(model, real, batch_size, seed))
     scale = c.sample.noise_scale if noise_scale is None else noise_scale
+    steps = c.sample.steps if steps is None else steps
     gen, samples = model_metrics.generation_metrics(model, real, num_samples, steps,
                                                     batch_size, seed, scale)
     result.update(num_samples=num_samples, steps=steps, noise_scale=scale, **gen)
@@ -171,7 +172,8 @@ def _define_flags():
   flags.DEFINE_string('vae_workdir', None, 'Where the VAE of a stage-2 run is, when'
                       ' not where the run recorded it (a moved stage-1 run).')
   flags.DEFINE_integer('num_samples', 64, 'Texts to generate.')
-  flags.DEFINE_integer('steps', 50, 'Euler steps per sample.')
+  flags.DEFINE_integer('steps', None, "Euler steps per sample (default: the run's"
+                       ' sample.steps).')
   flags.DEFINE_integer('num_windows', 256, 'Held-out windows to evaluate on.')
   flags.DEFINE_integer('batch_size', 32, 'Windows or samples per batch.')
   flags.DEFINE_integer('seed', 0, 'Random seed (noise, t, sampling).')

@@ -6,6 +6,7 @@ from tokcom_jax import config_lib, stages
 from tokcom_jax.data.tokenizer import load_tokenizer
 from tokcom_jax.inference.autoregressive import AutoregressiveLM
 from tokcom_jax.inference.tokcom import TokCom
+from tokcom_jax.stages.vae import trained_config
 from tokcom_jax.storage import checkpoint, portable
 from tokcom_jax.training import sharding, train_state
 
@@ -31,7 +32,9 @@ def load(workdir: str, vae_workdir: str | None = None) -> TokCom | Autoregressiv
   vae_dir, recorded = portable.find_frozen(workdir, meta, 'vae', vae_workdir)
   tokenizer = load_tokenizer(config.tokenizer,
                              portable.tokenizer_dir(workdir, meta, vae_dir))
-  vae_params = portable.restore_frozen(workdir, 'vae', vae_dir, recorded,
-                                       abstract('vae'))
+  vae_config = trained_config(config, vae_dir)
+  vae_params = portable.restore_frozen(
+      workdir, 'vae', vae_dir, recorded,
+      train_state.abstract_params(stages.get(vae_config, 'vae').build, mesh)[1])
   return TokCom(config, tokenizer, vae_params, restore(meta['stage']),
-                workdir=str(workdir), vae_workdir=str(vae_dir))
+                workdir=str(workdir), vae_workdir=str(vae_dir), vae_config=vae_config)

@@ -152,7 +152,33 @@ class LatentStat(nnx.Variable):
   """A statistic of the stage-1 latents, measured on data (never by gradients)."""
 
 
-class LatentFlowTransformer(nnx.Module):
+class LatentUnits:
+  """The flow's units of a model with `cfg.standardize` (its `latent_mean` and
+  `latent_std`, set from data when stage 2 starts: stages/flow.py)."""
+
+  def init_latent_stats(self, latent_dim: int) -> None:
+    if self.cfg.standardize:  # the identity until measured
+      self.latent_mean = LatentStat(jnp.zeros((latent_dim,), jnp.float32))
+      self.latent_std = LatentStat(jnp.ones((latent_dim,), jnp.float32))
+
+  def to_flow(self, z_BNZ: Array) -> Array:
+    """VAE latents → the flow's units (standardized per dimension, if enabled)."""
+    if not self.cfg.standardize:
+      return z_BNZ
+    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
+                                                         self.latent_std))
+    return (z_BNZ - mean) / std
+
+  def to_latent(self, x_BNZ: Array) -> Array:
+    """The flow's units → VAE latents (the inverse of `to_flow`)."""
+    if not self.cfg.standardize:
+      return x_BNZ
+    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
+                                                         self.latent_std))
+    return x_BNZ * std + mean
+
+
+class LatentFlowTransformer(nnx.Module, LatentUnits):
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -173,25 +199,7 @@ class LatentFlowTransformer(nnx.Module):
                                        rngs=rngs)
       self.start = nnx.Param(axes.partitioned(layers.zeros_init, 'embed')(
           rngs.params(), (D,), jnp.float32))
-    if cfg.standardize:  # set from data when stage 2 starts (stages/flow.py)
-      self.latent_mean = LatentStat(jnp.zeros((Z,), jnp.float32))
-      self.latent_std = LatentStat(jnp.ones((Z,), jnp.float32))
-
-  def to_flow(self, z_BNZ: Array) -> Array:
-    """VAE latents → the flow's units (standardized per dimension, if enabled)."""
-    if not self.cfg.standardize:
-      return z_BNZ
-    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
-                                                         self.latent_std))
-    return (z_BNZ - mean) / std
-
-  def to_latent(self, x_BNZ: Array) -> Array:
-    """The flow's units → VAE latents (the inverse of `to_flow`)."""
-    if not self.cfg.standardize:
-      return x_BNZ
-    mean, std = (jax.lax.stop_gradient(v[...]) for v in (self.latent_mean,
-                                                         self.latent_std))
-    return x_BNZ * std + mean
+    self.init_latent_stats(Z)
 
   def body(self, h_BND: Array, cond: Array) -> Array:
     positions_N = jnp.arange(h_BND.shape[1])

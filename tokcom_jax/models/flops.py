@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tokcom_jax.models.head import HeadConfig
+
 # Dense bf16 peak per device, FLOP/s (no sparsity).
 PEAK_BF16 = {
     'H100': 989e12, 'H200': 989e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12,
@@ -87,6 +89,28 @@ def dit_forward(config, batch: int) -> int:
   return (_stack(d, d.num_layers, False).forward(batch, N)  # XLA computes whole
           + batch * N * 2 * Z * D * projections             # attention, causal or not
           + batch * (N if chunkwise else 1) * per_condition)
+
+
+def generator_forward(config, batch: int) -> int:
+  """Forward FLOPs of the chunk generator (`flow.order = 'head'`) on [batch, N]
+  chunks as training calls it: the trunk once, the chunk-input MLP, the head on
+  `batch_mul` rows per position (twice with self-conditioning: the estimate), the
+  token head when it has a loss."""
+  d, h, K = config.dit, config.head, config.chunk_size
+  D, Z, V, W = d.hidden_size, config.vae.latent_dim, config.vocab_size, h.width
+  N = config.max_length // K
+  positions = batch * N
+  inputs = (2 * K * D * D + 2 * D * D) if h.input == 'tokens' else 2 * Z * D
+  energy = h.kind == 'energy'
+  sc = config.flow.self_condition and not energy
+  per_row = (2 * D * W + 2 * Z * (1 + sc) * W           # condition, input projection
+             + h.blocks * (2 * 2 * W * W + 2 * W * 3 * W)  # MLPs, modulations
+             + 2 * W * 2 * W + 2 * W * Z)                  # final layer
+  if not energy:
+    per_row += 2 * (HeadConfig().time_freq_dim * W + W * W)  # timestep MLP
+  token_head = positions * 2 * D * K * V if h.token_loss > 0 else 0
+  return (_stack(d, d.num_layers, True).forward(batch, N) + positions * inputs
+          + positions * h.batch_mul * per_row * (1 + sc) + token_head)
 
 
 def lm_forward(config, batch: int) -> int:

@@ -30,7 +30,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from tokcom_jax.models import vae as vae_lib
+from tokcom_jax.models.token_metrics import reconstruction_metrics
 
 Array = jax.Array
 
@@ -113,7 +113,7 @@ def loss_fn(x1_pred_BNZ: Array, x1_BNZ: Array, tokens_BL: Array, mask_BL: Array,
   mask = mask_BL if ce_mask_B is None else mask_BL * _per_example(ce_mask_B, mask_BL)
   # With no CE weight the decoder runs for the metrics only: no backward through it.
   decoded = x1_pred_BNZ if ce_weight else jax.lax.stop_gradient(x1_pred_BNZ)
-  metrics = vae_lib.reconstruction_metrics(
+  metrics = reconstruction_metrics(
       decode(decoded), tokens_BL, mask, chunk_size=tokens_BL.shape[1] // x1_BNZ.shape[1])
   metrics['mse'] = jnp.mean(jnp.square(x1_pred_BNZ - x1_BNZ))
   metrics['loss'] = mse_weight * metrics['mse'] + ce_weight * metrics['ce']

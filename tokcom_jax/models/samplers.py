@@ -6,7 +6,9 @@
 - `chunkwise_sample`: one chunk after another, each from the finished ones (order
   'chunkwise'), a full model pass per step; `cached_chunkwise_sample` the same with a
   KV cache over finished chunks (the model's `decode`);
-- `generate` picks one by the flow's order; `prefix_guidance` makes the `refine` that
+- `head_sample`: a chunk generator's sequence (order 'head'): one trunk step per
+  chunk, the head's steps, the chunk decoded and fed back;
+- `generate` picks one of the first three by the flow's order; `prefix_guidance` makes the `refine` that
   steers a chunk toward the known first tokens of a prompt that ends inside it.
 
 Every sampler moves x_t by the same update, `euler_step`.
@@ -200,3 +202,74 @@ def generate(model, x0_BNZ: Array, steps: int | Array, cfg: flow.FlowConfig, **k
     return chunkwise_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
   kwargs.pop('refine_chunks_N', None)  # all chunks at once: every step refines
   return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
+
+
+def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Array,
+                steps: int | Array, key: Array, *, shift: float = 1.0,
+                known_mask_BN: Array | None = None, known_BNZ: Array | None = None,
+                known_tokens_BL: Array | None = None,
+                known_token_mask_BL: Array | None = None,
+                refine: Callable[[Array, Array], Array] | None = None,
+                refine_chunks_N: Array | None = None) -> tuple[Array, Array]:
+  """A chunk generator's sequence (`generator.ChunkGenerator`), one chunk after
+  another, all in one loop: a trunk step over the KV cache of the chunks before
+  gives the state h_n; the head turns it into chunk n's latent (`steps` Euler steps
+  from x0[:, n] with a flow head; one pass from uniform noise drawn from `key` with
+  an energy head); `decode_chunk(z_BZ, n)` (VAE latent → token ids [B, K]) gives the
+  chunk's tokens; the trunk reads them (or the latent) at the next step.
+
+  Held chunks (`known_mask_BN`, latents `known_BNZ` in the flow's units) take their
+  latent as given; held tokens (`known_token_mask_BL`, ids `known_tokens_BL`, e.g. a
+  prompt ending inside a chunk) replace the decoded ones, so the next chunk reads
+  them. `refine(x1_BZ, n)` maps each prediction of x1 while the chunks of
+  `refine_chunks_N` are drawn. Returns (latents [B, N, Z] in the flow's units,
+  token ids [B, N·K]).
+  """
+  B, N, Z = x0_BNZ.shape
+  K = model.cfg.chunk_size
+  steps = jnp.asarray(steps, jnp.int32)
+  held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
+             else jnp.asarray(known_mask_BN, bool))
+  known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
+  held_BNK = (jnp.zeros((B, N, K), bool) if known_token_mask_BL is None
+              else jnp.asarray(known_token_mask_BL, bool).reshape(B, N, K))
+  known_BNK = (jnp.zeros((B, N, K), jnp.int32) if known_tokens_BL is None
+               else jnp.asarray(known_tokens_BL, jnp.int32).reshape(B, N, K))
+  at = lambda a, n: jax.lax.dynamic_index_in_dim(a, n, 1, keepdims=False)
+  energy = model.cfg.head.kind == 'energy'
+
+  def draw(n, h_BD):
+    """Chunk n's latent from the state h_n."""
+    if energy:
+      return model.head(jax.random.uniform(jax.random.fold_in(key, n), (B, Z)) - 0.5,
+                        h_BD)
+
+    def step(i, carry):
+      x_BZ, x1_prev_BZ = carry
+      t, t_next = step_times(i, steps, shift)
+      x1_BZ = model.head.x1(x_BZ, jnp.full((B,), t), h_BD, x1_prev_BZ)
+      if refine is not None:
+        x1_BZ = (refine(x1_BZ, n) if refine_chunks_N is None else jax.lax.cond(
+            refine_chunks_N[n], refine, lambda x, n: x, x1_BZ, n))
+      return euler_step(x_BZ, x1_BZ, t, t_next), x1_BZ
+
+    x0_BZ = at(x0_BNZ, n)
+    return jax.lax.fori_loop(0, steps, step, (x0_BZ, jnp.zeros_like(x0_BZ)))[0]
+
+  def one_chunk(n, carry):
+    input_B1D, caches, x_BNZ, tokens_BNK = carry
+    h_B1D, caches = model.step(input_B1D, caches, n)
+    held_B = at(held_BN, n)
+    x_BZ = jax.lax.cond(jnp.all(held_B), lambda n, h: jnp.zeros((B, Z)), draw,
+                        n, h_B1D[:, 0].astype(jnp.float32))
+    x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
+    chunk_BK = jnp.where(at(held_BNK, n), at(known_BNK, n),
+                         decode_chunk(model.to_latent(x_BZ), n).astype(jnp.int32))
+    input_B1D = model.chunk_input(chunk_BK[:, None], x_BZ[:, None])
+    return (input_B1D, caches, jax.lax.dynamic_update_index_in_dim(x_BNZ, x_BZ, n, 1),
+            jax.lax.dynamic_update_index_in_dim(tokens_BNK, chunk_BK, n, 1))
+
+  init = (model.start_input(B), model.init_cache(B, N), jnp.zeros_like(x0_BNZ),
+          jnp.zeros((B, N, K), jnp.int32))
+  _, _, x_BNZ, tokens_BNK = jax.lax.fori_loop(0, N, one_chunk, init)
+  return x_BNZ, tokens_BNK.reshape(B, N * K)

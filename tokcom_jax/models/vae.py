@@ -20,10 +20,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from tokcom_jax.models import axes, dit, layers
+from tokcom_jax.models import axes, dit, generator, layers
+from tokcom_jax.models.token_metrics import reconstruction_metrics
 
 Array = jax.Array
 
@@ -49,7 +49,9 @@ class VAEConfig(layers.StackFields):
   # its latents, its loss × prior_weight flowing into the encoder too, so that
   # latents become predictable from their context as well as decodable.
   prior_weight: float = 0.0
-  prior: dit.DiTConfig | None = None  # set from config.dit when prior_weight > 0
+  # Set when prior_weight > 0: the run's stage-2 architecture (a chunk generator for
+  # flow.order='head', else the latent flow transformer).
+  prior: dit.DiTConfig | generator.GeneratorConfig | None = None
 
   def stack(self, num_layers: int, causal: bool) -> layers.TransformerConfig:
     return layers.stack_config(self, num_layers, causal)
@@ -67,8 +69,9 @@ class VAEConfig(layers.StackFields):
     """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
     kwargs = layers.section_fields(cls, config.vae)
     if kwargs.get('prior_weight', 0.0) > 0:  # in the VAE's own units: unstandardized
-      kwargs['prior'] = dataclasses.replace(dit.DiTConfig.from_config(config),
-                                            standardize=False)
+      prior = (generator.GeneratorConfig if config.flow.order == 'head'
+               else dit.DiTConfig)
+      kwargs['prior'] = dataclasses.replace(prior.from_config(config), standardize=False)
     return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
                **layers.stack_options(config), **kwargs)
 
@@ -95,7 +98,9 @@ class ChunkVAE(nnx.Module):
               rngs.params(), (K, D), jnp.float32))
     self.decoder = layers.Transformer(cfg.decoder, rngs=rngs)
     self.lm_head = layers.dense(D, V, ('embed', 'vocab'), dtype=cfg.dtype, rngs=rngs)
-    if cfg.prior is not None:
+    if isinstance(cfg.prior, generator.GeneratorConfig):
+      self.prior = generator.ChunkGenerator(cfg.prior, rngs=rngs)
+    elif cfg.prior is not None:
       self.prior = dit.LatentFlowTransformer(cfg.prior, rngs=rngs)
 
   def encode(self, tokens_BL: Array) -> tuple[Array, Array]:
@@ -168,32 +173,6 @@ class ChunkVAE(nnx.Module):
         latent_M1D.dtype)
     h_MKD = self.decoder(jnp.concatenate([latent_M1D, previous_MKD], axis=1))
     return self.lm_head(h_MKD).astype(jnp.float32).reshape(B, N * K, -1)
-
-
-def reconstruction_metrics(logits_BLV: Array, tokens_BL: Array, mask_BL: Array,
-                           chunk_size: int, predicted_BL: Array | None = None
-                           ) -> dict[str, Array]:
-  """Masked token cross-entropy, token accuracy and chunk exact-match (of
-  `predicted_BL`, the argmax of the logits when not given).
-
-  A chunk counts for exact-match when it holds at least one real token; it matches
-  when all its real tokens are predicted right.
-  """
-  mask_BL = mask_BL.astype(jnp.float32)
-  num_tokens = jnp.maximum(mask_BL.sum(), 1.0)
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL)
-  if predicted_BL is None:
-    predicted_BL = jnp.argmax(logits_BLV, axis=-1)
-  correct_BL = (predicted_BL == tokens_BL).astype(jnp.float32)
-  B, L = tokens_BL.shape
-  wrong_BNK = ((1.0 - correct_BL) * mask_BL).reshape(B, L // chunk_size, chunk_size)
-  real_chunk_BN = mask_BL.reshape(B, L // chunk_size, chunk_size).max(axis=-1)
-  chunk_right_BN = (wrong_BNK.sum(axis=-1) == 0).astype(jnp.float32) * real_chunk_BN
-  return {
-      'ce': (ce_BL * mask_BL).sum() / num_tokens,
-      'token_accuracy': (correct_BL * mask_BL).sum() / num_tokens,
-      'chunk_exact_match': chunk_right_BN.sum() / jnp.maximum(real_chunk_BN.sum(), 1.0),
-  }
 
 
 def kl_to_standard_normal(mean_BNZ: Array, logvar_BNZ: Array, kl_clamp: float) -> Array:

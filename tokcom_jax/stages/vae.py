@@ -7,11 +7,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokcom_jax.models import flops, flow, vae
+from tokcom_jax import config_lib
+from tokcom_jax.errors import ConfigError
+from tokcom_jax.models import flops, flow, generator, vae
 from tokcom_jax.stages.base import Stage
+from tokcom_jax.storage import checkpoint
 
 
 PRIOR_EVAL_KEY = 1234  # evaluation draws the prior's noise and times from this key
+
+
+def trained_config(config, vae_workdir):
+  """The config a frozen VAE is built with: the one its run at `vae_workdir` was
+  trained with (its latent prior, if any, follows that run's generator settings,
+  whatever stage 2's are), or `config` when that run has no checkpoint yet. The
+  latent size must agree: stage 2 is built on it."""
+  if not vae_workdir or not checkpoint.checkpoint_dir(vae_workdir).exists():
+    return config
+  try:
+    trained = config_lib.from_dict(checkpoint.read_meta(vae_workdir)[1]['config'])
+  except Exception:  # unreadable: the restore that follows says why
+    return config
+  if trained.vae.latent_dim != config.vae.latent_dim:
+    raise ConfigError(
+        f'vae.latent_dim={config.vae.latent_dim}: the VAE at {vae_workdir} has latents'
+        f' of {trained.vae.latent_dim} (set --config.vae.latent_dim='
+        f'{trained.vae.latent_dim}, or train a VAE with this size)')
+  return trained
 
 
 class VAEStage(Stage):
@@ -32,6 +54,8 @@ class VAEStage(Stage):
       key = jax.random.key(PRIOR_EVAL_KEY) if rng is None else jax.random.fold_in(rng, 3)
 
       def prior_loss(mean_BNZ):
+        if isinstance(model.prior, generator.ChunkGenerator):  # its whole loss
+          return generator.loss_fn(model.prior, tokens_BL, mean_BNZ, key, flow_cfg)[0]
         pred_BNZ, _ = flow.noised_prediction(model.prior, mean_BNZ, key, flow_cfg)
         return jnp.mean(jnp.square(pred_BNZ - mean_BNZ))
     return vae.loss_fn(model, tokens_BL, jnp.ones_like(tokens_BL), rng, prior_loss)
@@ -47,6 +71,8 @@ class VAEStage(Stage):
   def train_flops(self, batch):
     forward = flops.vae_forward(self.config, batch)
     prior = 0
-    if self.config.vae.prior_weight > 0:  # forward + backward, one more for the estimate
+    if self.config.vae.prior_weight > 0 and self.config.flow.order == 'head':
+      prior = 3 * flops.generator_forward(self.config, batch)
+    elif self.config.vae.prior_weight > 0:  # forward + backward, one more: estimate
       prior = (3 + self.config.flow.self_condition) * flops.dit_forward(self.config, batch)
     return 3 * (forward['encoder'] + forward['decoder']) + prior

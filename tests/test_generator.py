@@ -1,0 +1,187 @@
+"""The chunk generator (flow.order='head'): a causal trunk run once per chunk, a small
+head per latent, the decoded tokens fed back."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tokcom_jax.models import flow, generator, head as head_lib, samplers
+
+V, K, Z, N = 40, 4, 8, 5
+
+
+def make(input='tokens', kind='flow', token_loss=0.5, self_condition=False, seed=0,
+         **head):
+  cfg = generator.GeneratorConfig(
+      latent_dim=Z, num_layers=2, vocab_size=V, chunk_size=K, hidden_size=32,
+      num_heads=2, num_kv_heads=1, intermediate_size=64, rope_theta=10_000.0,
+      self_condition=self_condition,
+      head=head_lib.HeadConfig(kind=kind, width=32, blocks=2, batch_mul=3,
+                               input=input, token_loss=token_loss,
+                               time_freq_dim=16, **head))
+  model = generator.ChunkGenerator(cfg, rngs=nnx.Rngs(seed))
+  # The zero-initialised output layers would make every prediction 0: give the head
+  # random ones, so that predictions depend on their inputs.
+  params = nnx.state(model, nnx.Param)
+  key = jax.random.key(seed + 1)
+  params = jax.tree.map(
+      lambda p: (p if jnp.any(p != 0) else
+                 0.3 * jax.random.normal(jax.random.fold_in(key, p.size), p.shape)),
+      params)
+  nnx.update(model, params)
+  return model
+
+
+def data(seed=0, B=3):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return (jax.random.randint(k1, (B, N * K), 0, V),
+          jax.random.normal(k2, (B, N, Z)))
+
+
+@pytest.mark.parametrize('input', ['tokens', 'latent'])
+def test_trunk_state_at_chunk_n_reads_chunks_before_n_only(input):
+  model = make(input)
+  tokens, x1 = data()
+  if input == 'latent':  # the Jacobian of h_n with respect to every chunk's latent
+    jac = jax.jacobian(lambda x: model.states(tokens, x)[0])(x1)  # [N, D, B, N, Z]
+    moved = np.abs(np.asarray(jac[:, :, 0])).sum(axis=(1, 3))  # [n, m]
+  else:  # tokens are integers: change chunk m's and watch every h_n
+    base = np.asarray(model.states(tokens, x1)[0])
+    moved = np.zeros((N, N))
+    for m in range(N):
+      changed = tokens.at[0, m * K:(m + 1) * K].set((tokens[0, m * K:(m + 1) * K] + 1) % V)
+      moved[:, m] = np.abs(np.asarray(model.states(changed, x1)[0]) - base).sum(-1)
+  assert np.all(moved[np.triu_indices(N)] == 0)  # chunk m >= n: no effect on h_n
+  assert np.all(moved[np.tril_indices(N, -1)] > 0)  # chunk m < n: read
+
+
+def _full_pass_sample(model, decode_chunk, x0_BNZ, steps):
+  """The sampler written the slow way: every chunk's state from a full trunk pass
+  over the chunks decoded so far."""
+  B = x0_BNZ.shape[0]
+  x = jnp.zeros_like(x0_BNZ)
+  tokens = jnp.zeros((B, N * K), jnp.int32)
+  for n in range(N):
+    h_BD = model.states(tokens, x)[:, n]
+    x_BZ, prev = x0_BNZ[:, n], jnp.zeros_like(x0_BNZ[:, n])
+    for i in range(steps):
+      t, t_next = samplers.step_times(i, steps, 1.0)
+      prev = model.head.x1(x_BZ, jnp.full((B,), t), h_BD, prev)
+      x_BZ = samplers.euler_step(x_BZ, prev, t, t_next)
+    x = x.at[:, n].set(x_BZ)
+    tokens = tokens.at[:, n * K:(n + 1) * K].set(decode_chunk(x_BZ, n))
+  return x, tokens
+
+
+def _decode_chunk(z_BZ, n):  # a stand-in decoder: tokens that depend on the latent
+  return (jnp.floor(jnp.abs(z_BZ[:, :K]) * 7).astype(jnp.int32) + n) % V
+
+
+@pytest.mark.parametrize('input,self_condition', [('tokens', True), ('latent', False)])
+def test_kv_cached_sampler_equals_a_full_pass_sampler(input, self_condition):
+  model = make(input, self_condition=self_condition)
+  x0 = jax.random.normal(jax.random.key(3), (2, N, Z))
+  x, tokens = jax.jit(lambda x0: samplers.head_sample(
+      model, _decode_chunk, x0, 4, jax.random.key(0)))(x0)
+  x_ref, tokens_ref = _full_pass_sample(model, _decode_chunk, x0, 4)
+  np.testing.assert_allclose(x, x_ref, atol=2e-5)
+  np.testing.assert_array_equal(tokens, tokens_ref)
+  assert len(np.unique(np.asarray(tokens))) > 5  # the decoded tokens vary
+
+
+def test_the_trunk_reads_the_tokens_the_sampler_decoded():
+  model = make('tokens')
+  x0 = jax.random.normal(jax.random.key(3), (2, N, Z))
+  sample = lambda decode: samplers.head_sample(model, decode, x0, 3, jax.random.key(0))
+  x, tokens = sample(_decode_chunk)
+  other_x, other_tokens = sample(lambda z, n: (_decode_chunk(z, n) + 1) % V)
+  # Chunk 0 is drawn before any decoding: the same; every later chunk differs,
+  # because the trunk read different tokens.
+  np.testing.assert_allclose(x[:, 0], other_x[:, 0], atol=1e-6)
+  assert np.all(np.abs(np.asarray(x[:, 1:] - other_x[:, 1:])).sum(-1) > 1e-4)
+  # And what it read are the tokens returned.
+  np.testing.assert_array_equal(other_tokens[:, :K], (tokens[:, :K] + 1) % V)
+
+
+def test_held_chunks_and_tokens_are_kept_and_read():
+  model = make('tokens')
+  B = 2
+  x0 = jax.random.normal(jax.random.key(4), (B, N, Z))
+  known = jax.random.normal(jax.random.key(5), (B, N, Z))
+  prompt = jnp.asarray(np.arange(N * K) % V)[None].repeat(B, 0)
+  token_mask = jnp.asarray(np.arange(N * K) < K + 2)[None].repeat(B, 0)  # 1½ chunks
+  held = jnp.asarray(np.arange(N) < 1)[None].repeat(B, 0)
+  x, tokens = samplers.head_sample(model, _decode_chunk, x0, 3, jax.random.key(0),
+                                   known_mask_BN=held, known_BNZ=known,
+                                   known_tokens_BL=prompt, known_token_mask_BL=token_mask)
+  np.testing.assert_array_equal(x[:, 0], known[:, 0])
+  np.testing.assert_array_equal(tokens[:, :K + 2], prompt[:, :K + 2])  # verbatim
+  # The rest of the second chunk is what its latent decodes to.
+  np.testing.assert_array_equal(tokens[:, K + 2:2 * K], _decode_chunk(x[:, 1], 1)[:, 2:])
+
+
+def test_head_euler_loop_with_the_exact_predictor_reproduces_gaussian_data():
+  """x1 ~ N(mu, s²) per dimension, x0 ~ N(0, σ²): E[x1 | x_t] in closed form as the
+  head; the sampler's chunks must come out with the data's mean and variance."""
+  mu, s, sigma = 1.5, 0.5, 1.0
+
+  def exact_x1(x_t, t, h, prev=None):
+    t = t[:, None]
+    gain = t * s**2 / (t**2 * s**2 + (1 - t)**2 * sigma**2)
+    return mu + gain * (x_t - t * mu)
+
+  stub = types.SimpleNamespace(
+      cfg=types.SimpleNamespace(chunk_size=K, head=types.SimpleNamespace(kind='flow')),
+      head=types.SimpleNamespace(x1=exact_x1),
+      start_input=lambda B: jnp.zeros((B, 1, 1)),
+      init_cache=lambda B, N: jnp.zeros(()),
+      step=lambda inp, caches, n: (inp, caches),
+      to_latent=lambda x: x,
+      chunk_input=lambda tokens, x: jnp.zeros((tokens.shape[0], 1, 1)))
+  x0 = sigma * jax.random.normal(jax.random.key(0), (4000, 3, 2))
+  x, _ = samplers.head_sample(stub, lambda z, n: jnp.zeros((z.shape[0], K), jnp.int32),
+                              x0, 100, jax.random.key(1))
+  np.testing.assert_allclose(np.mean(x), mu, atol=0.02)
+  np.testing.assert_allclose(np.var(x), s**2, rtol=0.05)
+
+
+def test_energy_score_equals_its_formula_by_brute_force():
+  rng = np.random.default_rng(0)
+  samples, target = rng.normal(size=(4, 3, 5)), rng.normal(size=(3, 5))
+  got = np.asarray(head_lib.energy_score(jnp.asarray(samples), jnp.asarray(target)))
+  S = samples.shape[0]
+  for m in range(3):
+    to_y = sum(np.linalg.norm(samples[i, m] - target[m]) for i in range(S)) / S
+    between = sum(np.linalg.norm(samples[i, m] - samples[j, m])
+                  for i in range(S) for j in range(S) if i != j) / (S * (S - 1))
+    np.testing.assert_allclose(got[m], to_y - 0.5 * between, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind,predict', [('flow', 'x1'), ('flow', 'velocity'),
+                                          ('energy', 'x1')])
+def test_loss_learns_and_its_parts_are_reported(kind, predict):
+  """A few optimizer steps lower the loss of a fixed batch; the metrics name each part."""
+  import optax
+  model = make(kind=kind, predict=predict, token_loss=0.5)
+  tokens, x1 = data(B=4)
+  cfg = flow.FlowConfig(noise_std=1.0)
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    (loss, m), grads = nnx.value_and_grad(
+        lambda mdl: generator.loss_fn(mdl, tokens, x1, jax.random.key(0), cfg),
+        has_aux=True)(model)
+    opt.update(model, grads)
+    return loss, m
+
+  first, m = step(model, opt)
+  for _ in range(30):
+    last, _ = step(model, opt)
+  assert float(last) < 0.8 * float(first)
+  assert {'mse', 'next_chunk_ce', 'next_chunk_accuracy', 'loss'} <= set(m)
+  assert ('energy' in m) == (kind == 'energy')
