@@ -33,6 +33,8 @@ V52 = 'noise_std=0.05,t_schedule=uniform,t_shift=1.0,sample_shift=1.0,ce_weight=
 STD = 'standardize=True,noise_std=1.0,ce_weight=0.0,self_condition=False,t_shift=1.0'
 ROBUST_VAE = 'latent_noise=0.3,token_dropout=0.1'
 NORM64 = 'latent_dim=64,normalize_latent=True,latent_noise=0.5'
+HEAD_VAE = 'order=head,self_condition=False'
+HEAD = STD + ',order=head,steps=16,noise_scale=0.35'
 VARIANTS = {
     'v52': ('', V52),
     'v52_mse': ('', V52 + ',ce_weight=0.0'),
@@ -62,6 +64,20 @@ VARIANTS = {
                           STD + ',self_condition=True,order=chunkwise'),
     'prior05_chunkwise': (NORM64 + ',prior_weight=0.5',
                           STD + ',self_condition=True,order=chunkwise'),
+    # The chunk generator (flow.order=head): a trunk run once per chunk reading the
+    # previous chunk's tokens, a flow head (x1, 3 blocks of 256, batch_mul 4); its
+    # VAE trained with the same generator as latent prior. `@<flags>` after a name:
+    # evaluation flags only (the same runs, sampled otherwise).
+    'head': (HEAD_VAE, HEAD),
+    'head_tokenloss1': (HEAD_VAE, HEAD + ',head.token_loss=1.0'),
+    'head_latent_input': (HEAD_VAE, HEAD + ',head.input=latent'),
+    'head_velocity': (HEAD_VAE, HEAD + ',head.predict=velocity'),
+    'head_energy': (HEAD_VAE, HEAD + ',head.kind=energy,head.batch_mul=8'),
+    'head_batch_mul1': (HEAD_VAE, HEAD + ',head.batch_mul=1'),
+    'head_self_condition': (HEAD_VAE, HEAD + ',self_condition=True'),
+    'head_width128': (HEAD_VAE, HEAD + ',head.width=128'),
+    'head_blocks6': (HEAD_VAE, HEAD + ',head.blocks=6'),
+    'head_no_prior': (HEAD_VAE + ',prior_weight=0.0', HEAD),
 }
 
 
@@ -82,20 +98,33 @@ def train(stage: str, modifiers: str, workdir: str, extra=()) -> float:
               f'--workdir={workdir}', *extra], os.path.join(workdir, 'train.log'))
 
 
-def evaluate(workdir: str, reference: str, num_samples: int) -> dict:
+def evaluate(workdir: str, reference: str, num_samples: int, seed: int = 0,
+             flags=()) -> dict:
   out = subprocess.run(
       [sys.executable, '-m', 'tokcom_jax.evaluate', f'--workdir={workdir}',
-       f'--reference={reference}', f'--num_samples={num_samples}'],
-      check=True, cwd=REPO, capture_output=True, text=True)
+       f'--reference={reference}', f'--num_samples={num_samples}', f'--seed={seed}',
+       *flags], check=True, cwd=REPO, capture_output=True, text=True)
   return json.loads(out.stdout)
 
 
-def row(name: str, result: dict, seconds: float) -> dict:
+def mean(values):
+  return sum(values) / len(values)
+
+
+def row(name: str, results: list[dict], seconds: float) -> dict:
+  """One variant's row: generation measures averaged over the evaluation seeds."""
+  result = results[0]
   q = result['generation_quality']['rows']
-  return {'variant': name, 'val_ce': result['val_ce'],
-          'perplexity': q['tokcom']['perplexity'],
-          'entropy': q['tokcom']['unigram_entropy'],
-          'chunk_validity': q['tokcom']['chunk_validity'],
+  tokcom = lambda key: mean([r['generation_quality']['rows']['tokcom'][key]
+                             for r in results])
+  extra = {k: result[k] for k in ('val_mse_own_context', 'val_mse_other_context',
+                                  'val_next_chunk_accuracy', 'val_mse',
+                                  'brier', 'ar_brier', 'steps', 'noise_scale')
+           if k in result}
+  return {'variant': name, 'val_ce': result['val_ce'], 'seeds': len(results),
+          'perplexity': tokcom('perplexity'),
+          'entropy': tokcom('unigram_entropy'),
+          'chunk_validity': tokcom('chunk_validity'), **extra,
           'decodability_0.5': result['recon_token_accuracy_at_noise']['0.5'],
           'clean_token_accuracy': result['recon_token_accuracy'],
           'train_seconds': seconds, 'real': q['real'], 'shuffled': q['shuffled'],
@@ -116,7 +145,7 @@ def markdown(rows: list[dict]) -> str:
       ' chunk validity | VAE token acc. clean / 0.5σ | flow train wall (s) |',
       '|---|---|---|---|---|---|---|']
   for r in rows:
-    ce = ' / '.join(f'{r["val_ce"][t]:.3f}' for t in ('0.1', '0.5', '0.9'))
+    ce = ' / '.join(f'{v:.3f}' for v in r['val_ce'].values())
     lines.append(
         f'| {r["variant"]} | {ce} | {r["perplexity"]:.1f} | {r["entropy"]:.2f} |'
         f' {r["chunk_validity"]:.3f} | {r["clean_token_accuracy"]:.4f} /'
@@ -131,6 +160,8 @@ def main():
   parser.add_argument('--reference', default='runs/tiny/ar',
                       help='the ar run that scores samples (trained if missing)')
   parser.add_argument('--num_samples', type=int, default=64)
+  parser.add_argument('--seeds', default='0', help='evaluation seeds, e.g. 0,1,2: the'
+                      ' generation measures are their means')
   parser.add_argument('--default_vae', default='runs/tiny/vae',
                       help='the stage-1 run of variants with the default VAE recipe')
   parser.add_argument('--write', default=None, help='append the table to this file')
@@ -139,6 +170,7 @@ def main():
     train('ar', '', os.path.join(REPO, args.reference))
   rows = []
   for name in args.variants.split(','):
+    name, _, eval_flags = name.partition('@')  # e.g. head@steps=4
     vae_mods, flow_mods = VARIANTS[name]
     vae_dir = (os.path.join(args.root, 'vae-' + vae_mods.replace('=', '').replace(
         ',', '-')) if vae_mods else args.default_vae)
@@ -146,8 +178,10 @@ def main():
     dit_dir = os.path.join(args.root, name)
     seconds = train('diffusion', ','.join(p for p in (vae_mods, flow_mods) if p),
                      dit_dir, [f'--config.vae_workdir={vae_dir}'])
-    result = evaluate(dit_dir, args.reference, args.num_samples)
-    rows.append(row(name, result, seconds))
+    flags = [f'--{f}' for f in eval_flags.split('+') if f]
+    results = [evaluate(dit_dir, args.reference, args.num_samples, int(seed), flags)
+               for seed in args.seeds.split(',')]
+    rows.append(row(name + ('@' + eval_flags if eval_flags else ''), results, seconds))
     print(json.dumps(rows[-1]), flush=True)
   table = markdown(rows)
   print(table)

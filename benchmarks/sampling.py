@@ -1,5 +1,6 @@
 """Sampling throughput: 50 Euler steps over all latents at once (or per chunk, for a
-config with flow.order=chunkwise: the tiny default), against autoregressive decoding
+config with flow.order=chunkwise; or, flow.order=head, one trunk step per chunk and
+the head's Euler steps), against autoregressive decoding
 with a KV cache by a causal transformer of the same width and depth (Hugging Face
 `transformers` Qwen2, PyTorch `generate`; or this package's `ar` stage).
 
@@ -40,6 +41,9 @@ def tokcom_seconds(config, batch: int, tokens: int, steps: int, repeats: int):
   mask, known = jnp.zeros((batch, N), bool), jnp.zeros((batch, N, Z))
 
   def one():
+    if config.flow.order == 'head':  # the whole sequence one compiled loop
+      model.sample(batch, steps=steps)  # (the tokens come back to the host)
+      return
     z = model._sample_latents(model.dit_params, x0, steps, mask, known)
     model._decode(model.vae_params, z, jax.random.key(1), 0.0, 0, 1.0
                   ).block_until_ready()
@@ -91,13 +95,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--config', default='bench', help='tiny, bench or v52')
   p.add_argument('--tokens', type=int, default=1024)
-  p.add_argument('--steps', type=int, default=50)
+  p.add_argument('--steps', type=int, default=None,
+                 help="Euler steps (default: the config's sample.steps)")
   p.add_argument('--batch_sizes', default='1,8')
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--dtype', default=None)
   p.add_argument('--baseline', default='torch', choices=('torch', 'jax'),
                  help='the autoregressive model: HF Qwen2 in PyTorch, or the ar stage')
-  p.add_argument('--order', default=None, choices=('parallel', 'chunkwise'),
+  p.add_argument('--order', default=None, choices=('parallel', 'chunkwise', 'head'),
                  help="the flow's order (default: the config's)")
   p.add_argument('--quick', action='store_true', help='CPU-sized: tiny, 256 tokens')
   p.add_argument('--set', default='', help='config modifiers, e.g. scan_layers=False')
@@ -111,8 +116,11 @@ def main():
   config.max_length = args.tokens  # positions are RoPE: any length works
   config.flow.order = args.order or config.flow.order
   config.lock()
+  args.steps = args.steps or config.sample.steps
   passes = args.steps * (args.tokens // config.chunk_size
                           if config.flow.order == 'chunkwise' else 1)
+  if config.flow.order == 'head':  # a pass: one chunk's trunk step and head steps
+    passes = args.tokens // config.chunk_size
   for batch in map(int, args.batch_sizes.split(',')):
     tc = tokcom_seconds(config, batch, args.tokens, args.steps, args.repeats)
     if args.baseline == 'jax':

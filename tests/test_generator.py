@@ -129,14 +129,14 @@ def test_head_euler_loop_with_the_exact_predictor_reproduces_gaussian_data():
   head; the sampler's chunks must come out with the data's mean and variance."""
   mu, s, sigma = 1.5, 0.5, 1.0
 
-  def exact_x1(x_t, t, h, prev=None):
+  def exact_x1(x_t, t, h, prev=None, projected=False):
     t = t[:, None]
     gain = t * s**2 / (t**2 * s**2 + (1 - t)**2 * sigma**2)
     return mu + gain * (x_t - t * mu)
 
   stub = types.SimpleNamespace(
       cfg=types.SimpleNamespace(chunk_size=K, head=types.SimpleNamespace(kind='flow')),
-      head=types.SimpleNamespace(x1=exact_x1),
+      head=types.SimpleNamespace(x1=exact_x1, condition=lambda h: h),
       start_input=lambda B: jnp.zeros((B, 1, 1)),
       init_cache=lambda B, N: jnp.zeros(()),
       step=lambda inp, caches, n: (inp, caches),

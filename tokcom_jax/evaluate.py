@@ -11,6 +11,10 @@ Metrics:
   recon_token_accuracy, recon_chunk_exact_match   argmax decode of the latent means
   recon_token_accuracy_at_noise[σ]                latents + σ·std·ε, std per dimension
   val_ce[t], val_mse[t]                           stage-2 loss terms at fixed t
+  val_mse_own_context, val_mse_other_context      a chunk generator's head MSE (mean
+                                                  over t) with its window's trunk
+                                                  states, and with another window's
+  val_next_chunk_ce / _accuracy                   its trunk's token head (token_loss)
   gen_token_id_entropy, real_token_id_entropy     bits per token of the sampled ids as
                                                   they are (EOS counted), run tokenizer
   gen_distinct_2/3, gen_repeat_4gram_rate         diversity and repetition

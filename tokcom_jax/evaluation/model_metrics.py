@@ -62,8 +62,15 @@ def flow_metrics(model, windows_BL: np.ndarray, batch_size: int, seed: int = 0
              for i, first in enumerate(range(0, len(windows_BL), batch_size)))
   ev = steps.evaluate_batches(eval_step, model.dit_params, {'vae': model.vae_params},
                               batches)
-  return {'val_ce': {str(t): ev[f'ce_t{t}'] for t in EVAL_TIMES},
-          'val_mse': {str(t): ev[f'mse_t{t}'] for t in EVAL_TIMES}}
+  times = [t for t in EVAL_TIMES if f'ce_t{t}' in ev]  # none: an energy head
+  out = {'val_ce': {str(t): ev[f'ce_t{t}'] for t in times} or {'any t': ev['ce']},
+         'val_mse': {str(t): ev[f'mse_t{t}'] for t in times} or {'any t': ev['mse']}}
+  if 'mse_other_context' in ev:  # a chunk generator: how much its head uses context
+    out.update(val_mse_own_context=ev['mse'], val_mse_other_context=ev['mse_other_context'])
+  for name in ('next_chunk_ce', 'next_chunk_accuracy'):
+    if name in ev:
+      out[f'val_{name}'] = ev[name]
+  return out
 
 
 def generation_metrics(model, real_BL: np.ndarray, num_samples: int, steps: int,

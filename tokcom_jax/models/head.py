@@ -52,24 +52,25 @@ def _dense(i: int, o: int, *, zero: bool = False, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class ResBlock(nnx.Module):
-  """x + gate·MLP(LN(x)·(1 + scale) + shift); (shift, scale, gate) from c, zero at
-  init (the block starts as the identity)."""
+  """x + gate·MLP(LN(x)·(1 + scale) + shift), with (shift, scale, gate) given."""
 
   def __init__(self, width: int, *, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(width, use_scale=False, use_bias=False, epsilon=1e-6,
                               rngs=rngs)
     self.fc1 = _dense(width, width, rngs=rngs)
     self.fc2 = _dense(width, width, rngs=rngs)
-    self.modulation = _dense(width, 3 * width, zero=True, rngs=rngs)
 
-  def __call__(self, x_MW: Array, c_MW: Array) -> Array:
-    shift, scale, gate = jnp.split(self.modulation(jax.nn.silu(c_MW)), 3, axis=-1)
+  def __call__(self, x_MW: Array, shift: Array, scale: Array, gate: Array) -> Array:
     h_MW = self.norm(x_MW) * (1 + scale) + shift
     return x_MW + gate * self.fc2(jax.nn.silu(self.fc1(h_MW)))
 
 
 class _Body(nnx.Module):
-  """Input projection, residual blocks, adaLN final layer with a zero projection."""
+  """Input projection, residual blocks, a final layer with a zero projection. One
+  zero-initialised projection of the condition gives every block's (shift, scale,
+  gate) and the final layer's (shift, scale): one matmul per call, not one per
+  block (a head step at batch 1 costs its matmuls' launches), and every block
+  starts as the identity."""
 
   def __init__(self, in_features: int, cfg: HeadConfig, latent_dim: int, *,
                rngs: nnx.Rngs):
@@ -78,14 +79,16 @@ class _Body(nnx.Module):
     self.res_blocks = nnx.List([ResBlock(W, rngs=rngs) for _ in range(cfg.blocks)])
     self.final_norm = nnx.LayerNorm(W, use_scale=False, use_bias=False, epsilon=1e-6,
                                     rngs=rngs)
-    self.final_modulation = _dense(W, 2 * W, zero=True, rngs=rngs)
+    self.modulation = _dense(W, (3 * cfg.blocks + 2) * W, zero=True, rngs=rngs)
     self.out_proj = _dense(W, latent_dim, zero=True, rngs=rngs)
 
   def __call__(self, x_MI: Array, c_MW: Array) -> Array:
     h_MW = self.input_proj(x_MI)
-    for block in self.res_blocks:
-      h_MW = block(h_MW, c_MW)
-    shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c_MW)), 2, axis=-1)
+    mods = jnp.split(self.modulation(jax.nn.silu(c_MW)), 3 * len(self.res_blocks) + 2,
+                     axis=-1)
+    for i, block in enumerate(self.res_blocks):
+      h_MW = block(h_MW, *mods[3 * i:3 * i + 3])
+    shift, scale = mods[-2:]
     return self.out_proj(self.final_norm(h_MW) * (1 + scale) + shift)
 
 
@@ -101,10 +104,16 @@ class FlowHead(nnx.Module):
     self.body = _Body(latent_dim * (2 if self_condition else 1), cfg, latent_dim,
                       rngs=rngs)
 
+  def condition(self, c_MD: Array) -> Array:
+    """The trunk state's share of the condition [M, W]: the same at every step of a
+    chunk, so a sampler computes it once (`projected=True` below)."""
+    return self.cond_proj(c_MD.astype(jnp.float32))
+
   def __call__(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
-               x1_prev_MZ: Array | None = None) -> Array:
-    """The raw output at (x_t, t) given c: x1, or the velocity (`cfg.predict`)."""
-    c_MW = self.time_embed(t_M) + self.cond_proj(c_MD.astype(jnp.float32))
+               x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:
+    """The raw output at (x_t, t) given c: x1, or the velocity (`cfg.predict`).
+    `projected`: c is `condition(c)` already."""
+    c_MW = self.time_embed(t_M) + (c_MD if projected else self.condition(c_MD))
     x_MI = x_t_MZ
     if self.self_condition:
       prev = jnp.zeros_like(x_t_MZ) if x1_prev_MZ is None else x1_prev_MZ
@@ -112,9 +121,9 @@ class FlowHead(nnx.Module):
     return self.body(x_MI, c_MW).astype(jnp.float32)
 
   def x1(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
-         x1_prev_MZ: Array | None = None) -> Array:
+         x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:
     """The prediction of x1, whatever the head is trained to output."""
-    out_MZ = self(x_t_MZ, t_M, c_MD, x1_prev_MZ)
+    out_MZ = self(x_t_MZ, t_M, c_MD, x1_prev_MZ, projected=projected)
     if self.cfg.predict == 'x1':
       return out_MZ
     return x_t_MZ + (1.0 - t_M)[:, None] * out_MZ  # x1 = x_t + (1 - t)·v

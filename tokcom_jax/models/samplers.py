@@ -204,6 +204,30 @@ def generate(model, x0_BNZ: Array, steps: int | Array, cfg: flow.FlowConfig, **k
   return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
 
 
+def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Array, *,
+                 shift: float = 1.0, refine: Callable[[Array], Array] | None = None
+                 ) -> Array:
+  """Latents [M, Z] (the flow's units) that a chunk generator's head draws from
+  trunk states h [M, D]: `steps` Euler steps from x0 with a flow head (the state's
+  projection computed once), each x1 prediction mapped by `refine`; one pass from
+  uniform noise drawn from `key` with an energy head."""
+  if model.cfg.head.kind == 'energy':
+    return model.head(jax.random.uniform(key, x0_MZ.shape) - 0.5, h_MD)
+  M = x0_MZ.shape[0]
+  c_MW = model.head.condition(h_MD)
+
+  def step(i, carry):
+    x_MZ, x1_prev_MZ = carry
+    t, t_next = step_times(i, steps, shift)
+    x1_MZ = model.head.x1(x_MZ, jnp.full((M,), t), c_MW, x1_prev_MZ, projected=True)
+    if refine is not None:
+      x1_MZ = refine(x1_MZ)
+    return euler_step(x_MZ, x1_MZ, t, t_next), x1_MZ
+
+  return jax.lax.fori_loop(0, jnp.asarray(steps, jnp.int32), step,
+                           (x0_MZ, jnp.zeros_like(x0_MZ)))[0]
+
+
 def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Array,
                 steps: int | Array, key: Array, *, shift: float = 1.0,
                 known_mask_BN: Array | None = None, known_BNZ: Array | None = None,
@@ -236,25 +260,16 @@ def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Ar
   known_BNK = (jnp.zeros((B, N, K), jnp.int32) if known_tokens_BL is None
                else jnp.asarray(known_tokens_BL, jnp.int32).reshape(B, N, K))
   at = lambda a, n: jax.lax.dynamic_index_in_dim(a, n, 1, keepdims=False)
-  energy = model.cfg.head.kind == 'energy'
 
   def draw(n, h_BD):
     """Chunk n's latent from the state h_n."""
-    if energy:
-      return model.head(jax.random.uniform(jax.random.fold_in(key, n), (B, Z)) - 0.5,
-                        h_BD)
-
-    def step(i, carry):
-      x_BZ, x1_prev_BZ = carry
-      t, t_next = step_times(i, steps, shift)
-      x1_BZ = model.head.x1(x_BZ, jnp.full((B,), t), h_BD, x1_prev_BZ)
-      if refine is not None:
-        x1_BZ = (refine(x1_BZ, n) if refine_chunks_N is None else jax.lax.cond(
-            refine_chunks_N[n], refine, lambda x, n: x, x1_BZ, n))
-      return euler_step(x_BZ, x1_BZ, t, t_next), x1_BZ
-
-    x0_BZ = at(x0_BNZ, n)
-    return jax.lax.fori_loop(0, steps, step, (x0_BZ, jnp.zeros_like(x0_BZ)))[0]
+    chunk_refine = None
+    if refine is not None:
+      chunk_refine = lambda x1_BZ: (refine(x1_BZ, n) if refine_chunks_N is None else
+                                    jax.lax.cond(refine_chunks_N[n], refine,
+                                                 lambda x, n: x, x1_BZ, n))
+    return head_latents(model, h_BD, at(x0_BNZ, n), steps, jax.random.fold_in(key, n),
+                        shift=shift, refine=chunk_refine)
 
   def one_chunk(n, carry):
     input_B1D, caches, x_BNZ, tokens_BNK = carry
