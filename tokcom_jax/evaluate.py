@@ -15,6 +15,10 @@ Metrics:
                                                   over t) with its window's trunk
                                                   states, and with another window's
   val_next_chunk_ce / _accuracy                   its trunk's token head (token_loss)
+  brier, ar_brier                                 teacher-forced Brier-1..4 and BrierLM
+                                                  (tokcom_jax.evaluation.brier) of a
+                                                  chunk generator or ar run, and of the
+                                                  reference ar run on the same windows
   gen_token_id_entropy, real_token_id_entropy     bits per token of the sampled ids as
                                                   they are (EOS counted), run tokenizer
   gen_distinct_2/3, gen_repeat_4gram_rate         diversity and repetition
@@ -69,7 +73,7 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
              vae_workdir, noise_scale=None) -> tuple[dict, list[str], dict[str, str]]:
   """(metrics, generated texts, {stage: run} whose loss curves to plot)."""
   from tokcom_jax.data import batches
-  from tokcom_jax.evaluation import model_metrics, quality
+  from tokcom_jax.evaluation import brier, model_metrics, quality
   from tokcom_jax.inference.autoregressive import AutoregressiveLM
   from tokcom_jax.inference.loading import load
   model = load(workdir, vae_workdir)
@@ -88,6 +92,7 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
   logging.info('evaluating %s on %d held-out windows', workdir, n)
   result, samples, texts, plots = {'workdir': str(workdir), 'num_windows': int(n)}, [], {}, []
   if is_ar:
+    result['brier'] = brier.ar_brier(model, real, c.chunk_size, batch_size, seed)
     samples = model.generate(num_samples, seed=seed, batch_size=batch_size)
     texts['ar'] = samples
     result.update(num_samples=num_samples, ar_temperature=1.0)
@@ -102,6 +107,8 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
     gen, samples = model_metrics.generation_metrics(model, real, num_samples, steps,
                                                     batch_size, seed, scale)
     result.update(num_samples=num_samples, steps=steps, noise_scale=scale, **gen)
+    if c.flow.order == 'head':  # teacher-forced: the model's own noise (scale 1)
+      result['brier'] = brier.tokcom_brier(model, real, batch_size, seed, steps, 1.0)
     texts['tokcom'] = samples
     plots.append(('diffusion', workdir))
   reference = reference or quality.find_reference(workdir)
@@ -113,6 +120,8 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
                           ' train.py --config …:ar.')
     if 'ar' not in texts:
       texts['ar'] = ref.generate(num_samples, seed=seed, batch_size=batch_size)
+      if 'brier' in result and ref.tokenizer.get_vocab() == model.tokenizer.get_vocab():
+        result['ar_brier'] = brier.ar_brier(ref, real, c.chunk_size, batch_size, seed)
     real_texts = [model.tokenizer.decode(w.tolist(), skip_special_tokens=True)
                   for w in real[:num_samples]]
     train = batches.load_token_stream(c.data.source, 'train', model.tokenizer,

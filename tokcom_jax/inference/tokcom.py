@@ -27,6 +27,7 @@ from flax import nnx
 from tokcom_jax import stages
 from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
+from tokcom_jax.inference import chunk_generation
 from tokcom_jax.inference.autoregressive import check_counts
 from tokcom_jax.models import flow, samplers
 from tokcom_jax.models.decoding import choose_tokens
@@ -109,51 +110,6 @@ class TokCom:
     # Held chunks exactly as given (the round trip through the flow's units rounds).
     return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x))
 
-  @functools.partial(jax.jit, static_argnums=(0, 10, 11, 12, 13))
-  def _sample_head(self, dit_params, vae_params, x0_BNZ, steps, key, known_mask_BN,
-                   known_BNZ, prompt_BL, prompt_mask_BL, guide, temperature, top_k,
-                   top_p):
-    """A chunk generator's latents and tokens, the whole sequence one compiled loop
-    (`samplers.head_sample`): each chunk decoded with the sampling options and fed
-    back; the prompt's tokens held, its whole chunks' latents too; with `guide`, the
-    chunk the prompt ends inside is drawn under guidance toward its known tokens."""
-    model = nnx.merge(self.dit_graphdef, dit_params)
-    vae = nnx.merge(self.vae_graphdef, vae_params)
-    B, N, _ = x0_BNZ.shape
-    K = self.chunk_size
-
-    def decode_chunk(z_BZ, n):
-      return vae.decode_tokens(z_BZ[:, None], lambda logits, k: choose_tokens(
-          logits, jax.random.fold_in(jax.random.fold_in(key, n), k), temperature,
-          top_k, top_p))[0]
-
-    refine = refine_chunks_N = None
-    if guide:  # the prompt's tokens in a chunk it does not fill
-      partial_BNK = prompt_mask_BL.reshape(B, N, K) * ~known_mask_BN[..., None]
-      at = lambda a, n: jax.lax.dynamic_index_in_dim(a, n, 1, keepdims=False)
-      # Steps of a fixed share of the latents' own size, measured on the prompt's
-      # (`known_BNZ` holds the partial chunk's encoding too, padded; never held).
-      in_prompt_BN1 = prompt_mask_BL.reshape(B, N, K).max(-1, keepdims=True) > 0
-      size = jnp.sqrt(jnp.mean(jnp.square(model.to_flow(known_BNZ)),
-                               where=in_prompt_BN1)) + 1e-6
-
-      def refine(x1_BZ, n):
-        tokens_BK, mask_BK = at(prompt_BL.reshape(B, N, K), n), at(partial_BNK, n)
-
-        def prefix_ce(x_BZ):
-          logits = vae.decode(model.to_latent(x_BZ)[:, None], tokens_BK)
-          return (optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BK)
-                  * mask_BK).sum()
-        return samplers.prefix_guidance(prefix_ce, size, jnp.ones((B, 1)))(x1_BZ)
-      refine_chunks_N = partial_BNK.max(axis=(0, 2)) > 0
-    x_BNZ, tokens_BL = samplers.head_sample(
-        model, decode_chunk, x0_BNZ, steps, key, shift=self._flow_cfg.sample_shift,
-        known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
-        known_tokens_BL=prompt_BL, known_token_mask_BL=prompt_mask_BL,
-        refine=refine, refine_chunks_N=refine_chunks_N)
-    # Held chunks exactly as given (the round trip through the flow's units rounds).
-    return jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x_BNZ)), tokens_BL
-
   # ----- text ↔ tokens
 
   def _tokens(self, text: str) -> np.ndarray:
@@ -234,10 +190,10 @@ class TokCom:
       known[:held] = prompt_z[:held]
       known_mask[:held] = True
     if self._flow_cfg.order == 'head':
-      return self._sample_by_head(num_samples, batch_size or num_samples, N, steps,
-                                  seed, noise_scale, prompt_ids, known_mask,
-                                  prompt_z if prompt else known,
-                                  (temperature, top_k, top_p))
+      return chunk_generation.sample(
+          self, num_samples, batch_size or num_samples, N, steps, seed, noise_scale,
+          prompt_ids, known_mask, prompt_z if prompt else known,
+          (temperature, top_k, top_p))
     # A prompt that ends inside a chunk: that chunk is generated toward its known
     # first tokens (guidance), and they are written back verbatim.
     prefix = np.zeros((N * K,), np.int32)
@@ -263,33 +219,6 @@ class TokCom:
       out[:, :len(prompt_ids)] = prompt_ids  # the prompt is never resampled
       tokens.append(out)
       latents.append(np.asarray(z))
-    return np.concatenate(latents), np.concatenate(tokens)
-
-  def _sample_by_head(self, num_samples, batch_size, N, steps, seed, noise_scale,
-                      prompt_ids, known_mask, prompt_z, choosing):
-    """`sample` for a chunk generator: the prompt's tokens are fed to the trunk as
-    they are; a chunk the prompt ends inside keeps them and the rest of it comes
-    from its latent, drawn under guidance toward them."""
-    K, Z = self.chunk_size, self.latent_dim
-    prompt = np.zeros((N * K,), np.int32)
-    prompt_mask = np.zeros((N * K,), bool)
-    prompt[:len(prompt_ids)] = prompt_ids
-    prompt_mask[:len(prompt_ids)] = True
-    known = np.zeros((N, Z), np.float32)
-    known[:len(prompt_z)] = prompt_z
-    latents, tokens = [], []
-    for first in range(0, num_samples, batch_size):
-      B = min(batch_size, num_samples - first)
-      key = jax.random.fold_in(jax.random.key(seed), first)
-      x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std * noise_scale)
-      z, out = self._sample_head(
-          self.dit_params, self.vae_params, x0, steps, jax.random.fold_in(key, 1),
-          jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)),
-          jnp.broadcast_to(prompt, (B, N * K)),
-          jnp.broadcast_to(prompt_mask, (B, N * K)), len(prompt_ids) % K > 0,
-          *choosing)
-      latents.append(np.asarray(z))
-      tokens.append(np.asarray(out))
     return np.concatenate(latents), np.concatenate(tokens)
 
   def generate(self, num_samples: int = 1, num_chunks: int | None = None,

@@ -1,0 +1,119 @@
+"""Sampling from a TokCom run whose stage 2 is a chunk generator (`flow.order =
+'head'`): the whole sequence in one compiled loop (`samplers.head_sample`), each
+chunk decoded with the sampling options and fed back to the trunk; and the
+teacher-forced draws that BrierLM scores (each chunk drawn given the real chunks
+before it)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tokcom_jax.models import flow, samplers
+from tokcom_jax.models.decoding import choose_tokens
+
+Array = jax.Array
+
+
+def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_ids,
+           known_mask, prompt_z, choosing) -> tuple[np.ndarray, np.ndarray]:
+  """`TokCom.sample` for a chunk generator: the prompt's tokens are fed to the trunk
+  as they are; a chunk the prompt ends inside keeps them and the rest of it comes
+  from its latent, drawn under guidance toward them. (latents [S, N, Z], tokens)."""
+  K, Z = model.chunk_size, model.latent_dim
+  prompt = np.zeros((N * K,), np.int32)
+  prompt_mask = np.zeros((N * K,), bool)
+  prompt[:len(prompt_ids)] = prompt_ids
+  prompt_mask[:len(prompt_ids)] = True
+  known = np.zeros((N, Z), np.float32)
+  known[:len(prompt_z)] = prompt_z
+  latents, tokens = [], []
+  for first in range(0, num_samples, batch_size):
+    B = min(batch_size, num_samples - first)
+    key = jax.random.fold_in(jax.random.key(seed), first)
+    x0 = flow.sample_noise(key, (B, N, Z), model.config.flow.noise_std * noise_scale)
+    z, out = _sample(
+        model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
+        model.dit_params, model.vae_params, x0, steps, jax.random.fold_in(key, 1),
+        jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)),
+        jnp.broadcast_to(prompt, (B, N * K)), jnp.broadcast_to(prompt_mask, (B, N * K)),
+        len(prompt_ids) % K > 0, *choosing)
+    latents.append(np.asarray(z))
+    tokens.append(np.asarray(out))
+  return np.concatenate(latents), np.concatenate(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 12, 13, 14, 15))
+def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, steps,
+            key, known_mask_BN, known_BNZ, prompt_BL, prompt_mask_BL, guide,
+            temperature, top_k, top_p):
+  """Latents (VAE units) and tokens; with `guide`, the chunk the prompt ends inside
+  is drawn under guidance toward its known tokens (`samplers.prefix_guidance`)."""
+  model = nnx.merge(dit_graphdef, dit_params)
+  vae = nnx.merge(vae_graphdef, vae_params)
+  B, N, _ = x0_BNZ.shape
+  K = prompt_BL.shape[1] // N
+
+  def decode_chunk(z_BZ, n):
+    return vae.decode_tokens(z_BZ[:, None], lambda logits, k: choose_tokens(
+        logits, jax.random.fold_in(jax.random.fold_in(key, n), k), temperature,
+        top_k, top_p))[0]
+
+  refine = refine_chunks_N = None
+  if guide:  # the prompt's tokens in a chunk it does not fill
+    partial_BNK = prompt_mask_BL.reshape(B, N, K) * ~known_mask_BN[..., None]
+    at = lambda a, n: jax.lax.dynamic_index_in_dim(a, n, 1, keepdims=False)
+    # Steps of a fixed share of the latents' own size, measured on the prompt's
+    # (`known_BNZ` holds the partial chunk's encoding too, padded; never held).
+    in_prompt_BN1 = prompt_mask_BL.reshape(B, N, K).max(-1, keepdims=True) > 0
+    size = jnp.sqrt(jnp.mean(jnp.square(model.to_flow(known_BNZ)),
+                             where=in_prompt_BN1)) + 1e-6
+
+    def refine(x1_BZ, n):
+      tokens_BK, mask_BK = at(prompt_BL.reshape(B, N, K), n), at(partial_BNK, n)
+
+      def prefix_ce(x_BZ):
+        logits = vae.decode(model.to_latent(x_BZ)[:, None], tokens_BK)
+        return (optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BK)
+                * mask_BK).sum()
+      return samplers.prefix_guidance(prefix_ce, size, jnp.ones((B, 1)))(x1_BZ)
+    refine_chunks_N = partial_BNK.max(axis=(0, 2)) > 0
+  x_BNZ, tokens_BL = samplers.head_sample(
+      model, decode_chunk, x0_BNZ, steps, key, shift=shift,
+      known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
+      known_tokens_BL=prompt_BL, known_token_mask_BL=prompt_mask_BL,
+      refine=refine, refine_chunks_N=refine_chunks_N)
+  # Held chunks exactly as given (the round trip through the flow's units rounds).
+  return (jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x_BNZ)),
+          tokens_BL)
+
+
+def teacher_forced_chunks(model, tokens_BL, key: Array, steps: int,
+                          noise_scale: float) -> np.ndarray:
+  """Token ids [B, N·K]: chunk n drawn (argmax decoding) given the real chunks < n
+  of `tokens_BL`, every chunk at once (one trunk pass, the head on all states)."""
+  Z = model.latent_dim
+  B, L = np.shape(tokens_BL)
+  x0 = flow.sample_noise(key, (B * (L // model.chunk_size), Z),
+                         model.config.flow.noise_std * noise_scale)
+  return np.asarray(_teacher_forced(
+      model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
+      model.dit_params, model.vae_params, jnp.asarray(tokens_BL, jnp.int32), x0,
+      steps, jax.random.fold_in(key, 1)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _teacher_forced(dit_graphdef, vae_graphdef, shift, dit_params, vae_params,
+                    tokens_BL, x0_MZ, steps, key):
+  model = nnx.merge(dit_graphdef, dit_params)
+  vae = nnx.merge(vae_graphdef, vae_params)
+  x1_BNZ = model.to_flow(vae.encode(tokens_BL)[0])
+  B, N, Z = x1_BNZ.shape
+  h_MD = model.states(tokens_BL, x1_BNZ).reshape(B * N, -1)
+  x_MZ = samplers.head_latents(model, h_MD, x0_MZ, steps, key, shift=shift)
+  return jnp.argmax(vae.decode(model.to_latent(x_MZ.reshape(B, N, Z))), axis=-1)
