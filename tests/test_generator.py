@@ -185,3 +185,56 @@ def test_loss_learns_and_its_parts_are_reported(kind, predict):
   assert float(last) < 0.8 * float(first)
   assert {'mse', 'next_chunk_ce', 'next_chunk_accuracy', 'loss'} <= set(m)
   assert ('energy' in m) == (kind == 'energy')
+
+
+# ------------------------------------------------- a trained micro run of the generator
+
+
+@pytest.fixture(scope='module')
+def head_run(runs):
+  """A micro stage-2 run of the chunk generator on the session's sampling VAE."""
+  import pathlib
+
+  from tests import train_fixtures
+  from tokcom_jax.training import trainer as trainer_lib
+  vae_dir, dit_dir = runs
+  root = pathlib.Path(dit_dir).parent
+  workdir = str(root / 'head')
+  trainer_lib.Trainer(train_fixtures.micro_config(
+      f'files:{root}/text/*.txt', str(root / 'cache'), stage='diffusion',
+      vae_workdir=vae_dir, **{'vae.hidden_size': 64, 'vae.latent_dim': 16,
+                              'sample_every': 0, 'flow.order': 'head',
+                              'head.token_loss': 0.5, 'head.width': 32,
+                              'train.diffusion.num_steps': 8}), workdir).run()
+  import tokcom_jax
+  return tokcom_jax.load(workdir)
+
+
+def test_a_prompt_ending_inside_a_chunk_is_kept_verbatim_and_continued(head_run):
+  model = head_run
+  ids = model._tokens('import os\nimport sys\n')
+  assert len(ids) % model.chunk_size  # ends inside a chunk
+  _, tokens = model.sample(3, steps=3, seed=1, prompt='import os\nimport sys\n')
+  np.testing.assert_array_equal(tokens[:, :len(ids)], np.broadcast_to(ids, (3, len(ids))))
+  texts = model.generate(2, steps=3, prompt='import os\nimport sys\n')
+  assert all(t.startswith('import os\nimport sys\n') for t in texts)
+  # The same seed gives the same text; another seed another.
+  again = model.sample(3, steps=3, seed=1, prompt='import os\nimport sys\n')[1]
+  np.testing.assert_array_equal(tokens, again)
+  assert not np.array_equal(tokens, model.sample(3, steps=3, seed=2)[1])
+
+
+def test_evaluation_measures_context_use_and_brier_beside_the_ar_stage(head_run, ar_run):
+  from tokcom_jax.evaluation import brier, model_metrics
+  from tokcom_jax.inference.loading import load
+  model = head_run
+  windows = np.asarray(jax.random.randint(jax.random.key(0), (4, 32), 0, 300))
+  m = model_metrics.flow_metrics(model, windows, batch_size=4)
+  assert {'val_mse_own_context', 'val_mse_other_context', 'val_next_chunk_accuracy'} <= set(m)
+  assert set(m['val_ce']) == {'0.1', '0.5', '0.9'}
+  ours = brier.tokcom_brier(model, windows, 4, 0, steps=2, noise_scale=1.0)
+  theirs = brier.ar_brier(load(ar_run), windows, 4, 4, 0)
+  for s in (ours, theirs):
+    assert set(s) == {'brier_1', 'brier_2', 'brier_3', 'brier_4', 'brier_lm'}
+    assert all(-1.0 <= s[f'brier_{n}'] <= 1.0 for n in (1, 2, 3, 4))
+    assert 0.0 <= s['brier_lm'] <= 100.0
