@@ -165,19 +165,24 @@ def main():
   parser.add_argument('--default_vae', default='runs/tiny/vae',
                       help='the stage-1 run of variants with the default VAE recipe')
   parser.add_argument('--write', default=None, help='append the table to this file')
+  parser.add_argument('--set', default='', help='modifiers for every run, e.g. a second'
+                      " corpus: data.source='files:~/.cache/tokcom_jax/prose/*.txt'"
+                      ' (benchmarks/prose_corpus.py) with its own --root, --reference'
+                      ' and --default_vae')
   args = parser.parse_args()
+  both = lambda mods: ','.join(p for p in (mods, args.set) if p)
   if not os.path.isdir(os.path.join(REPO, args.reference, 'checkpoints')):
-    train('ar', '', os.path.join(REPO, args.reference))
+    train('ar', both(''), os.path.join(REPO, args.reference))
   rows = []
   for name in args.variants.split(','):
     name, _, eval_flags = name.partition('@')  # e.g. head@steps=4
     vae_mods, flow_mods = VARIANTS[name]
     vae_dir = (os.path.join(args.root, 'vae-' + vae_mods.replace('=', '').replace(
         ',', '-')) if vae_mods else args.default_vae)
-    train('vae', vae_mods, vae_dir)  # reused when finished
+    train('vae', both(vae_mods), vae_dir)  # reused when finished
     dit_dir = os.path.join(args.root, name)
-    seconds = train('diffusion', ','.join(p for p in (vae_mods, flow_mods) if p),
-                     dit_dir, [f'--config.vae_workdir={vae_dir}'])
+    seconds = train('diffusion', both(','.join(p for p in (vae_mods, flow_mods) if p)),
+                    dit_dir, [f'--config.vae_workdir={vae_dir}'])
     flags = [f'--{f}' for f in eval_flags.split('+') if f]
     results = [evaluate(dit_dir, args.reference, args.num_samples, int(seed), flags)
                for seed in args.seeds.split(',')]

@@ -121,3 +121,38 @@ def test_logs_of_an_object_store_workdir_are_rewritten_not_appended(tmp_path,
   assert remote == local
   assert [json.loads(l)['step'] for l in local[0].splitlines()] == [1, 2]
   assert local[1] == ''
+
+
+def test_a_write_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+  target = tmp_path / 'real.txt'
+  target.write_text('old')
+  link = tmp_path / 'link.txt'
+  link.symlink_to(target)
+  files.write_text(link, 'new')
+  assert link.is_symlink() and os.readlink(link) == str(target)
+  assert target.read_text() == 'new'
+
+
+def test_a_named_pipe_is_written_into_not_replaced(tmp_path):
+  import stat
+  fifo = tmp_path / 'pipe'
+  os.mkfifo(fifo)
+  reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that the writer never waits
+  try:
+    files.write_text(fifo, 'through the pipe')
+    assert os.read(reader, 100) == b'through the pipe'
+  finally:
+    os.close(reader)
+  assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+  assert [p.name for p in tmp_path.iterdir()] == ['pipe']  # no temporary file left
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='no /dev/full')
+def test_a_device_is_written_in_place_and_its_errors_reach_the_caller():
+  import errno
+  import stat
+  files.write_text('/dev/null', 'discarded')
+  with pytest.raises(OSError) as e:
+    files.write_text('/dev/full', 'x' * 10)
+  assert e.value.errno == errno.ENOSPC
+  assert all(stat.S_ISCHR(os.stat(d).st_mode) for d in ('/dev/null', '/dev/full'))

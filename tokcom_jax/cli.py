@@ -139,12 +139,16 @@ def _input_file(path: str) -> str | None:
 
 
 def _output_file(path: str) -> str | None:
-  """A file that can be written, checked before the work that produces it."""
+  """A file that can be written, checked before the work that produces it (a
+  symlink's target; a device or pipe is written in place: storage.files)."""
   if is_remote(path):
     return None
+  path = os.path.realpath(path)
   if os.path.isdir(path):
     return 'is a directory (give a file name)'
-  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.exists(path) and not os.path.isfile(path):  # a device, pipe, socket
+    return None if os.access(path, os.W_OK) else 'is not writable (choose another path)'
+  parent = os.path.dirname(path)
   if not os.path.isdir(parent):
     return f'its directory {parent} does not exist (create it or choose another path)'
   if not os.access(parent, os.W_OK | os.X_OK):

@@ -2,8 +2,12 @@
 
 A local file is written under a temporary name in its own directory, synced, and
 renamed over the old one (`os.replace` is atomic), so readers see the old file or
-the new one, never a torn one. An object store (gs://…) makes an object visible
-only when its upload completes, so a remote file is written directly.
+the new one, never a torn one. A symlink is followed: its target is what gets
+replaced, the link stays. What is not a regular file (a device such as /dev/stdout
+or /dev/full, a named pipe, a socket) is written in place, as a shell's `>` would:
+replacing it would break it (and a reader waiting on a pipe would wait forever). An
+object store (gs://…) makes an object visible only when its upload completes, so a
+remote file is written directly.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import io
 import os
 import secrets
+import stat
 from typing import BinaryIO, Iterator
 
 from etils import epath
@@ -32,8 +37,16 @@ def atomic_open(path) -> Iterator[BinaryIO]:
     yield buffer  # uploaded only when the block succeeds
     epath.Path(path).write_bytes(buffer.getvalue())
     return
-  path = os.fspath(path)
-  directory, name = os.path.split(os.path.abspath(path))
+  path = os.path.realpath(os.fspath(path))  # a symlink's target, not the link
+  try:
+    special = not stat.S_ISREG(os.stat(path).st_mode)
+  except FileNotFoundError:
+    special = False
+  if special:  # a device, pipe or socket: written in place, never replaced
+    with open(path, 'wb') as f:
+      yield f
+    return
+  directory, name = os.path.split(path)
   tmp = os.path.join(directory, f'.{name}.{secrets.token_hex(4)}.tmp')
   # os.open with 0o666 (less the umask): the file gets the permissions a plain
   # open() would give it, not tempfile's owner-only 0o600.
