@@ -107,7 +107,9 @@ CONFIG_CASES = {  # get_config argument → the whole message
         ' (set --config.train.max_nan_steps=N)',
     'vae,vocab_size=0':
         'vocab_size=0: must be a positive integer (set --config.vocab_size=N)',
-    'vae,seed=-1': 'seed=-1: must be an integer >= 0 (set --config.seed=N)',
+    'vae,seed=-1': 'seed=-1: must be an integer in [0, 2**32 - 1] (set --config.seed=N)',
+    'vae,seed=4294967296': ('seed=4294967296: must be an integer in [0, 2**32 - 1]'
+                            ' (set --config.seed=N)'),
     'vae,tokenizer=bpe:0':
         "tokenizer='bpe:0': must be bpe:<vocab size> or a tokenizer name or path"
         ' (set --config.tokenizer=bpe:8192)',
@@ -226,7 +228,8 @@ SAMPLE_CASES = {  # flags over SAMPLE → what the message must hold
     'num_samples 0': ({'num_samples': 0}, '--num_samples=0: must be a positive integer'),
     'batch_size 0': ({'batch_size': 0}, '--batch_size=0: must be a positive integer'),
     'num_tokens 0': ({'num_tokens': 0}, '--num_tokens=0: must be a positive integer'),
-    'seed -1': ({'seed': -1}, '--seed=-1: must be an integer >= 0'),
+    'seed -1': ({'seed': -1}, '--seed=-1: must be an integer in [0, 2**32 - 1]'),
+    'seed 2**32': ({'seed': 2**32}, '--seed=4294967296: must be an integer in'),
     'reconstruct, no input': ({'mode': 'reconstruct'},
                               '--mode reconstruct needs --input_text or'
                               ' --input_file (one of them; got neither)'),

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from tokcom_jax.config_checks import (ANY, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
-                                      PROBABILITY, Rule, check_flags,
+                                      PROBABILITY, SEED, Rule, check_flags,
                                       directory_problem, rule)
 from tokcom_jax.errors import ConfigError, SamplingError, TokcomError
 from tokcom_jax.storage.files import is_remote
@@ -183,7 +183,7 @@ SAMPLE_FLAGS = {
     'input_text': ANY,
     'input_file': INPUT_FILE,
     'output_file': OUTPUT_FILE,
-    'seed': COUNT,
+    'seed': SEED,
     'temperature': NON_NEGATIVE,  # 0: argmax
     'top_k': COUNT,  # 0: every token; at most the run's vocabulary
     'top_p': PROBABILITY,
@@ -197,11 +197,11 @@ EVALUATE_FLAGS = {
     'steps': POSITIVE_INT,
     'num_windows': POSITIVE_INT,
     'batch_size': POSITIVE_INT,
-    'seed': COUNT,
+    'seed': SEED,
     'noise_scale': POSITIVE,
     'vae_workdir': RUN_DIR,
 }
-RESILIENCE_FLAGS = {'kills': COUNT, 'seed': COUNT,
+RESILIENCE_FLAGS = {'kills': COUNT, 'seed': SEED,
                     'root': Rule(lambda v: directory_problem('--root', v), None)}
 
 

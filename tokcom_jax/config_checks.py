@@ -53,6 +53,9 @@ def one_of(*choices: str) -> Rule:
 
 POSITIVE_INT = rule(lambda v: _int(v) and v > 0, 'a positive integer')
 COUNT = rule(lambda v: _int(v) and v >= 0, 'an integer >= 0')
+# Random seeds become 32-bit keys (jax.random.key): a larger one would wrap around
+# and silently give another seed's samples.
+SEED = rule(lambda v: _int(v) and 0 <= v < 2**32, 'an integer in [0, 2**32 - 1]')
 EVEN_INT = rule(lambda v: _int(v) and v > 0 and v % 2 == 0, 'an even positive integer')
 MESH_AXIS = rule(lambda v: _int(v) and (v == -1 or v > 0),
                  'a positive integer, or -1 for the devices the other axis leaves')
@@ -116,7 +119,7 @@ _STAGE_LENGTH = dict(epochs=COUNT, num_steps=COUNT, lr=POSITIVE)
 
 CONFIG: dict[str, Rule] = {
     'stage': one_of('vae', 'diffusion', 'ar', 'all'),
-    'seed': COUNT,
+    'seed': SEED,
     'compute_dtype': one_of('bfloat16', 'float32'),
     'scan_layers': BOOL,
     'remat': one_of('none', 'dots_saveable', 'full'),
