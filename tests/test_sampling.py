@@ -132,7 +132,10 @@ def test_api_errors(runs):
     vae_only.generate(1)
   model = tokcom_jax.load(runs[1])
   with pytest.raises(SamplingError, match='empty'):
-    model.encode('   ')
+    model.encode('')
+  assert model.encode('    ').shape[0] >= 1  # an indentation is text
+  with pytest.raises(SamplingError, match='not valid UTF-8'):
+    model.encode('abc\udcff')  # a byte that is not UTF-8, as argv gives it
   with pytest.raises(SamplingError, match='num_chunks'):
     model.generate(1, num_chunks=model.max_chunks + 1)
   with pytest.raises(SamplingError, match='steps'):

@@ -190,9 +190,15 @@ def run_tokenizer(config, save_dir):
 
 
 def text_ids(tokenizer, text: str) -> np.ndarray:
-  """Token ids of a non-empty text (a one-line error for empty input)."""
-  if not text or not text.strip():
+  """Token ids of a non-empty text (a one-line error for empty input; whitespace
+  is text: an indentation is valid code)."""
+  if not text:
     raise SamplingError('the input text is empty: pass some text.')
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError:  # bytes from the command line that are not UTF-8
+    raise SamplingError('the input text is not valid UTF-8: pass UTF-8 text (e.g.'
+                        ' convert it with iconv -t UTF-8).') from None
   ids = tokenizer(text, add_special_tokens=False)['input_ids']
   if not ids:
     raise SamplingError('the input text tokenizes to nothing: pass other text.')
