@@ -515,3 +515,19 @@ def test_evaluate_exits_2_and_leaves_the_run_as_it_was(runs):
   line = command('-m', 'tokcom_jax.evaluate', f'--workdir={runs[1]}', '--steps=0')
   assert line == 'error: --steps=0: must be a positive integer (pass --steps=N)'
   assert snapshot(*runs) == before
+
+
+@pytest.mark.parametrize('source,expected', [
+    ('def get_config(:\n  pass\n', ', line 1: invalid syntax (fix the config file)'),
+    ('X = 1\n', 'defines no get_config(arg)'),
+])
+def test_a_broken_config_file_is_one_line_before_absl_runs_it(tmp_path, source, expected):
+  from tokcom_jax import cli
+  path = tmp_path / 'config.py'
+  path.write_text(source)
+  with pytest.raises(ConfigError) as error:
+    cli.check_config_file(str(path))
+  assert expected in one_line(error) and '\n' not in str(error.value)
+  assert cli._config_files(['--config', f'{path}:vae', '--config=b.py:x']) == [
+      str(path), 'b.py']
+  cli.check_config_file('configs/tiny.py')  # a good one passes
