@@ -156,3 +156,12 @@ def test_a_device_is_written_in_place_and_its_errors_reach_the_caller():
     files.write_text('/dev/full', 'x' * 10)
   assert e.value.errno == errno.ENOSPC
   assert all(stat.S_ISCHR(os.stat(d).st_mode) for d in ('/dev/null', '/dev/full'))
+
+
+def test_a_torn_metrics_line_is_skipped_with_one_warning(tmp_path, caplog):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n\n[1, 2]\n')
+  with caplog.at_level('WARNING'):
+    assert metrics_log.read_rows(path) == [{'step': 1, 'loss': 2.0}]
+  assert '2 line(s)' in caplog.text
+  assert metrics_log.read_rows(tmp_path / 'absent.jsonl') == []

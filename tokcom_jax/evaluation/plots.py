@@ -8,12 +8,12 @@ when it could not): `tokcom_jax.storage.files.write_figure` by default.
 
 from __future__ import annotations
 
-import json
 import os
 
 from etils import epath
 
 from tokcom_jax.storage import files
+from tokcom_jax.training import metrics_log
 
 
 def _pyplot():
@@ -24,10 +24,7 @@ def _pyplot():
 
 
 def _read_metrics(workdir: str) -> list[dict]:
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return metrics_log.read_rows(epath.Path(workdir) / 'metrics.jsonl')
 
 
 def training_plots(workdir: str, runs: dict[str, str], curve: dict[str, float] | None,

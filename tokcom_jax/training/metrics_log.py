@@ -85,6 +85,31 @@ def _append(path: epath.Path, rows: list[dict]) -> None:
   files.append_lines(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
+def read_rows(path) -> list[dict]:
+  """The rows of a JSON-lines file; lines that are not a JSON object (a torn last
+  line of a killed run, a line half written while it trains) are skipped with one
+  warning."""
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  rows, torn = [], 0
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      row = None
+    if isinstance(row, dict):
+      rows.append(row)
+    else:
+      torn += 1
+  if torn:
+    logging.warning('%s: %d line(s) that are not JSON objects skipped (a torn write).',
+                    path, torn)
+  return rows
+
+
 def truncate_jsonl(path: epath.Path, last_step: int) -> None:
   """Keeps the rows of a JSON-lines file up to `last_step` (a torn last line goes)."""
   if not path.exists():
