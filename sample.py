@@ -12,7 +12,7 @@ import glob
 import json
 import os
 
-from absl import flags
+from absl import flags, logging
 
 from tokcom_jax import cli
 
@@ -56,12 +56,23 @@ _NOISE_SCALE = flags.DEFINE_float('noise_scale', None, 'TokCom: the starting noi
 SEPARATOR = '\n' + '─' * 60 + '\n'
 
 
+def _stage(run: str) -> str | None:
+  """The stage a run's config.json names; None (and a warning) when unreadable."""
+  path = os.path.join(run, 'config.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('stage')
+  except (OSError, ValueError, AttributeError) as e:
+    logging.warning('skipping %s: its config.json cannot be read (%s)', run, e)
+    return None
+
+
 def latest_diffusion_run(root: str = 'runs') -> str:
   runs = [os.path.dirname(d) for d in glob.glob(os.path.join(root, '**', 'checkpoints'),
-                                                recursive=True)
-          if os.path.exists(os.path.join(os.path.dirname(d), 'config.json'))
-          and json.load(open(os.path.join(os.path.dirname(d), 'config.json'))
-                        ).get('stage') == 'diffusion']
+                                                recursive=True)]
+  runs = [r for r in runs if _stage(r) == 'diffusion']
   if not runs:
     from tokcom_jax.errors import CheckpointError
     raise CheckpointError(f'no trained diffusion run under {root}/: train one'

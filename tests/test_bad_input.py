@@ -531,3 +531,15 @@ def test_a_broken_config_file_is_one_line_before_absl_runs_it(tmp_path, source, 
   assert cli._config_files(['--config', f'{path}:vae', '--config=b.py:x']) == [
       str(path), 'b.py']
   cli.check_config_file('configs/tiny.py')  # a good one passes
+
+
+def test_the_latest_run_search_skips_an_unreadable_config_with_a_warning(tmp_path):
+  for name, config in (('good', '{"stage": "diffusion"}'), ('torn', '{"stage": "dif')):
+    (tmp_path / name / 'checkpoints').mkdir(parents=True)
+    (tmp_path / name / 'config.json').write_text(config)
+  out = subprocess.run(
+      [sys.executable, '-c', 'import sys, sample; print(sample.latest_diffusion_run(sys.argv[1]))',
+       str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == str(tmp_path / 'good')
+  assert 'skipping' in out.stderr and 'torn' in out.stderr
