@@ -543,3 +543,20 @@ def test_the_latest_run_search_skips_an_unreadable_config_with_a_warning(tmp_pat
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == str(tmp_path / 'good')
   assert 'skipping' in out.stderr and 'torn' in out.stderr
+
+
+def test_a_stage_2_run_on_the_wrong_vae_is_named_for_what_it_is(runs, ar_run):
+  from tokcom_jax.stages.vae import trained_config
+  config = run_config(runs[1])
+  with pytest.raises(ConfigError) as error:
+    trained_config(config, ar_run)
+  one_line(error, f"vae_workdir={ar_run} is a 'ar' run, not a VAE")
+  with pytest.raises(ConfigError) as error:
+    trained_config(config, runs[1])
+  one_line(error, f"vae_workdir={runs[1]} is a 'diffusion' run, not a VAE")
+  config.unlock()
+  config.vae.latent_dim = 32
+  with pytest.raises(ConfigError) as error:
+    trained_config(config, runs[0])
+  one_line(error, f'vae.latent_dim=32: the VAE at {runs[0]} has latents of 16 (set'
+           ' --config.vae.latent_dim=16')

@@ -25,9 +25,15 @@ def trained_config(config, vae_workdir):
   if not vae_workdir or not checkpoint.checkpoint_dir(vae_workdir).exists():
     return config
   try:
-    trained = config_lib.from_dict(checkpoint.read_meta(vae_workdir)[1]['config'])
+    meta = checkpoint.read_meta(vae_workdir)[1]
+    trained = config_lib.from_dict(meta['config'])
   except Exception:  # unreadable: the restore that follows says why
     return config
+  stage = meta.get('stage', trained.stage)
+  if stage != 'vae':
+    raise ConfigError(
+        f'vae_workdir={vae_workdir} is a {stage!r} run, not a VAE: point'
+        ' --config.vae_workdir at a stage-1 run (train.py --config …:vae).')
   if trained.vae.latent_dim != config.vae.latent_dim:
     raise ConfigError(
         f'vae.latent_dim={config.vae.latent_dim}: the VAE at {vae_workdir} has latents'
