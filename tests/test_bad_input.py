@@ -108,6 +108,10 @@ CONFIG_CASES = {  # get_config argument → the whole message
     'vae,vocab_size=0':
         'vocab_size=0: must be a positive integer (set --config.vocab_size=N)',
     'vae,seed=-1': 'seed=-1: must be an integer in [0, 2**32 - 1] (set --config.seed=N)',
+    'vae,tokenizer=bpe:999999999': ('tokenizer=bpe:999999999, vocab_size=1024: the BPE'
+                                    ' would have more tokens than the embeddings have'
+                                    ' rows (set --config.vocab_size=999999999, or a'
+                                    ' smaller bpe:N)'),
     'vae,seed=4294967296': ('seed=4294967296: must be an integer in [0, 2**32 - 1]'
                             ' (set --config.seed=N)'),
     'vae,tokenizer=bpe:0':

@@ -267,6 +267,12 @@ def _check_combinations(c) -> None:
       _fail(f'{name}.num_heads={H}', f'is not divisible by {name}.num_kv_heads {KV}',
             f'{name}.num_kv_heads={divisor}')
   check_mesh_axes(c.mesh.data, c.mesh.fsdp)
+  if c.tokenizer.startswith('bpe:') and int(c.tokenizer[4:]) > c.vocab_size:
+    # Known before any work: the BPE would be trained (minutes, gigabytes) and then
+    # refused for having more tokens than the embedding has rows.
+    _fail(f'tokenizer={c.tokenizer}, vocab_size={c.vocab_size}',
+          'the BPE would have more tokens than the embeddings have rows',
+          f'vocab_size={c.tokenizer[4:]}, or a smaller bpe:N')
   if c.vae.autoregressive_decoder and not c.vae.decoder_causal:
     _fail('vae.autoregressive_decoder=True, vae.decoder_causal=False',
           "a token must not see its chunk's later tokens", 'vae.decoder_causal=True')
