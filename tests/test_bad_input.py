@@ -564,3 +564,23 @@ def test_a_stage_2_run_on_the_wrong_vae_is_named_for_what_it_is(runs, ar_run):
     trained_config(config, runs[0])
   one_line(error, f'vae.latent_dim=32: the VAE at {runs[0]} has latents of 16 (set'
            ' --config.vae.latent_dim=16')
+
+
+def test_a_model_that_cannot_fit_is_refused_before_any_work(corpus, tmp_path,
+                                                            monkeypatch):
+  from tests import train_fixtures
+  from tokcom_jax.errors import TrainingError
+  from tokcom_jax.training import trainer as trainer_lib, train_state
+  monkeypatch.setattr(train_state, 'device_memory_bytes', lambda: 1000)  # bytes
+  with pytest.raises(TrainingError) as error:
+    trainer_lib.Trainer(train_fixtures.micro_config(*corpus), str(tmp_path / 'run'))
+  one_line(error, 'the model needs about', 'more than the 0.0 GB one device has')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  # The estimate: parameters twice (with their gradients) and AdamW's two moments.
+  config = train_fixtures.micro_config(*corpus)
+  from tokcom_jax import stages
+  from tokcom_jax.training import sharding
+  _, state = train_state.abstract_state(stages.get(config).build, sharding.make_mesh(-1, 1),
+                                        train_state.make_optimizer(config.train, 1e-3, 1)[0])
+  params = train_state.per_device_bytes(state['params'])
+  assert abs(train_state.per_device_bytes(state['opt_state']) - 2 * params) < 1024

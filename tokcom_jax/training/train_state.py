@@ -82,15 +82,51 @@ def abstract_state(build: Build, mesh, optimizer):
   return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
 
 
-def init_state(build: Build, mesh, optimizer, seed: int):
-  """(graphdef, a fresh train state initialised directly into its shardings)."""
-  graphdef, abstract = abstract_state(build, mesh, optimizer)
+def init_state(build: Build, mesh, optimizer, seed: int, abstract=None):
+  """(graphdef, a fresh train state initialised directly into its shardings);
+  `abstract`: `abstract_state`'s answer, when already known."""
+  graphdef, abstract = abstract or abstract_state(build, mesh, optimizer)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(nnx.Rngs(seed)))),
                    out_shardings=shardings['params'])()
   opt_state = jax.jit(optimizer.init, out_shardings=shardings['opt_state'])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings['step'])
   return graphdef, {'step': step, 'params': params, 'opt_state': opt_state}
+
+
+def device_memory_bytes() -> int | None:
+  """What one device can hold: an accelerator's memory limit; on a CPU the memory
+  the machine has free, shared by this process's devices (None: not known)."""
+  device = jax.local_devices()[0]
+  if device.platform != 'cpu':
+    stats = device.memory_stats() or {}
+    return stats.get('bytes_limit')
+  try:
+    with open('/proc/meminfo') as f:
+      info = dict(line.split(':', 1) for line in f)
+    return int(info['MemAvailable'].split()[0]) * 1024 // jax.local_device_count()
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+def check_fits(state, frozen_params=None) -> None:
+  """Refuses, in one line with the estimate, a model whose parameters, gradients and
+  optimizer state (`state`, e.g. `abstract_state`'s; and frozen models) alone exceed
+  one device's memory: better than
+  an allocation failure minutes later. Activations are not counted: a model that
+  passes may still not fit (`python -m tokcom_jax.memory` measures them)."""
+  available = device_memory_bytes()
+  if not available:
+    return
+  need = (2 * per_device_bytes(state['params']) + per_device_bytes(state['opt_state'])
+          + per_device_bytes(frozen_params or {}))
+  if need > available:
+    gb = lambda b: f'{b / 2**30:.1f} GB'
+    raise TrainingError(
+        f'the model needs about {gb(need)} per device for its parameters, gradients'
+        f' and optimizer state, more than the {gb(available)} one device has: make it'
+        ' smaller (hidden_size, layers, vocab_size) or shard it over more devices'
+        ' (--config.mesh.fsdp).')
 
 
 def per_device_bytes(tree) -> int:
@@ -112,15 +148,17 @@ def abstract_frozen(frozen: dict[str, FrozenModel], mesh) -> dict:
   return {name: abstract_params(f.build, mesh)[1] for name, f in frozen.items()}
 
 
-def load_frozen(frozen: dict[str, FrozenModel], mesh) -> tuple[dict, dict]:
+def load_frozen(frozen: dict[str, FrozenModel], mesh, abstract=None
+                ) -> tuple[dict, dict]:
   """(parameters, {name: (step, parameter fingerprint)}) of the frozen models,
-  restored from their runs onto `mesh`."""
+  restored from their runs onto `mesh` (`abstract`: `abstract_frozen`'s answer,
+  when already known)."""
+  abstract = abstract or abstract_frozen(frozen, mesh)
   params, read = {}, {}
   for name, f in frozen.items():
     if not checkpoint.checkpoint_dir(f.workdir).exists():
       raise TrainingError(f'{f.workdir!r} has no checkpoints: {f.missing_hint}')
-    params[name], meta, step = checkpoint.restore_params(
-        f.workdir, abstract_params(f.build, mesh)[1])
+    params[name], meta, step = checkpoint.restore_params(f.workdir, abstract[name])
     read[name] = (step, (meta.get('fingerprints') or {}).get('params'))
     logging.info('frozen %s from %s step %d', name, f.workdir, step)
   return params, read

@@ -125,8 +125,14 @@ class Trainer:
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
     frozen = stage.frozen()
+    # Before any data, tokenizer or frozen model is read: what cannot fit is refused
+    # (the optimizer's state has the same shapes whatever its schedule).
+    abstract = train_state.abstract_state(stage.build, self.mesh,
+                                          train_state.make_optimizer(tc, 1e-4, 1)[0])
+    frozen_abstract = train_state.abstract_frozen(frozen, self.mesh)
+    train_state.check_fits(abstract[1], frozen_abstract)
     self.frozen_graphdefs = train_state.frozen_graphdefs(frozen)
-    self.frozen, read = train_state.load_frozen(frozen, self.mesh)
+    self.frozen, read = train_state.load_frozen(frozen, self.mesh, frozen_abstract)
     self.tokenizer = tokenizer.run_tokenizer(config, stage.tokenizer_dir(self.workdir))
     if jax.process_index() == 0:  # a stage-2 run keeps its own copy of the VAE's
       tokenizer.copy_tokenizer(stage.tokenizer_dir(self.workdir),
@@ -142,8 +148,8 @@ class Trainer:
     if self.total_steps <= 0:
       raise ConfigError(f'train.{stage.name}: set num_steps or epochs above 0.')
     self.optimizer, self.lr = train_state.make_optimizer(tc, sc.lr, self.total_steps)
-    self.graphdef, self.state = train_state.init_state(stage.build, self.mesh,
-                                                       self.optimizer, config.seed)
+    self.graphdef, self.state = train_state.init_state(
+        stage.build, self.mesh, self.optimizer, config.seed, abstract)
     fn_args = (stage, self.graphdef, self.frozen_graphdefs)
     self.train_step, self.eval_step, self.sample_step = steps.reuse(
         steps.step_key(config, self.total_steps, self.graphdef, self.frozen_graphdefs,
