@@ -584,3 +584,17 @@ def test_a_model_that_cannot_fit_is_refused_before_any_work(corpus, tmp_path,
                                         train_state.make_optimizer(config.train, 1e-3, 1)[0])
   params = train_state.per_device_bytes(state['params'])
   assert abs(train_state.per_device_bytes(state['opt_state']) - 2 * params) < 1024
+
+
+def test_flags_a_run_does_not_use_are_refused_not_ignored():
+  cli.check_flags_apply({'steps': None, 'num_tokens': None}, 'ar', 'runs/a')
+  with pytest.raises(ConfigError) as error:
+    cli.check_flags_apply({'steps': 50}, 'ar', 'runs/a')
+  one_line(error, '--steps=50: runs/a is an autoregressive (ar) run, which does not'
+           ' use it (leave it out; --num_tokens for its length)')
+  with pytest.raises(ConfigError) as error:
+    cli.check_flags_apply({'num_tokens': 8}, 'diffusion', 'runs/d')
+  one_line(error, '--num_tokens=8: runs/d is a TokCom run')
+  for flag in cli.TOKCOM_ONLY:
+    with pytest.raises(ConfigError):
+      cli.check_flags_apply({flag: 1}, 'ar', 'runs/a')

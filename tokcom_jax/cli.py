@@ -280,8 +280,27 @@ def check_sample_flags(values: dict[str, Any]) -> None:
                       ' latents to a .npy file (pass --output_file=LATENTS.npy).')
 
 
+# Flags that only one kind of run reads: given to the other kind, they are refused
+# rather than silently ignored.
+TOKCOM_ONLY = ('steps', 'noise_scale', 'num_chunks', 'vae_workdir')
+AR_ONLY = ('num_tokens',)
+
+
+def check_flags_apply(values: dict[str, Any], stage: str, workdir: str) -> None:
+  """Refuses a flag given (not None) that the run at `workdir` (of `stage`) ignores."""
+  unused = [f for f in (TOKCOM_ONLY if stage == 'ar' else AR_ONLY)
+            if values.get(f) is not None]
+  if unused:
+    kind = 'an autoregressive (ar) run' if stage == 'ar' else 'a TokCom run'
+    fix = ('--num_tokens for its length' if stage == 'ar'
+           else '--num_chunks for its length')
+    raise ConfigError(f'--{unused[0]}={values[unused[0]]}: {workdir} is {kind}, which'
+                      f' does not use it (leave it out; {fix}).')
+
+
 def check_sampling_for_run(values: dict[str, Any], config, workdir: str) -> None:
   """Sampling flags whose limits are the trained run's (config: its config)."""
+  check_flags_apply(values, config.stage, workdir)
   top_k, V = values.get('top_k') or 0, config.vocab_size
   if top_k > V:
     raise ConfigError(f'--top_k={top_k}: must be at most the {V} tokens of the'

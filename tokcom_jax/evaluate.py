@@ -43,7 +43,8 @@ import os
 import numpy as np
 from etils import epath
 
-from tokcom_jax.errors import DataError, SamplingError
+from tokcom_jax import cli
+from tokcom_jax.errors import ConfigError, DataError, SamplingError
 from tokcom_jax.storage import files, workdir_lock
 
 
@@ -79,6 +80,11 @@ def _measure(workdir, num_samples, steps, num_windows, batch_size, seed, referen
   model = load(workdir, vae_workdir)
   is_ar = isinstance(model, AutoregressiveLM)
   c = model.config
+  cli.check_flags_apply(dict(steps=steps, noise_scale=noise_scale,
+                             vae_workdir=vae_workdir), c.stage, workdir)
+  if reference and c.stage == 'vae':
+    raise ConfigError(f'--reference={reference}: {workdir} is a VAE (stage-1) run,'
+                      ' which has no samples to score (leave it out).')
   stream = batches.load_token_stream(c.data.source, 'validation', model.tokenizer,
                                   c.data.cache_dir or None, c.data.text_column,
                                   c.data.val_split)
@@ -168,7 +174,7 @@ def main(argv):
   del argv
   from absl import flags
 
-  from tokcom_jax import cli, config_checks
+  from tokcom_jax import config_checks
   F = flags.FLAGS
   config_checks.check_flags(F.flag_values_dict(), cli.EVALUATE_FLAGS)
   result = evaluate(F.workdir, F.num_samples, F.steps, F.num_windows, F.batch_size,
@@ -195,6 +201,5 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from tokcom_jax import cli
   _define_flags()
   cli.run(main)
