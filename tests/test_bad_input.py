@@ -526,15 +526,14 @@ def test_evaluate_exits_2_and_leaves_the_run_as_it_was(runs):
     ('X = 1\n', 'defines no get_config(arg)'),
 ])
 def test_a_broken_config_file_is_one_line_before_absl_runs_it(tmp_path, source, expected):
-  from tokcom_jax import cli
   path = tmp_path / 'config.py'
   path.write_text(source)
   with pytest.raises(ConfigError) as error:
-    cli.check_config_file(str(path))
+    config_lib.check_config_file(str(path))
   assert expected in one_line(error) and '\n' not in str(error.value)
-  assert cli._config_files(['--config', f'{path}:vae', '--config=b.py:x']) == [
+  assert config_lib.config_files(['--config', f'{path}:vae', '--config=b.py:x']) == [
       str(path), 'b.py']
-  cli.check_config_file('configs/tiny.py')  # a good one passes
+  config_lib.check_config_file('configs/tiny.py')  # a good one passes
 
 
 def test_the_latest_run_search_skips_an_unreadable_config_with_a_warning(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from tokcom_jax import config_lib
 from tokcom_jax.config_checks import (ANY, COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT,
                                       PROBABILITY, SEED, Rule, check_flags,
                                       directory_problem, rule)
@@ -96,43 +97,11 @@ def run(main):
   app.run(guard(main), flags_parser=_parse_flags)
 
 
-def _config_files(argv) -> list[str]:
-  """The config files named by `--config=FILE[:ARG]` / `--config FILE[:ARG]`."""
-  out = []
-  for i, a in enumerate(argv):
-    value = (a.split('=', 1)[1] if a.startswith('--config=') else
-             argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
-    if value:
-      out.append(value.split(':', 1)[0])
-  return out
-
-
-def check_config_file(path: str) -> None:
-  """A config file that Python can read and that defines `get_config`, checked
-  before absl runs it (its SyntaxError or AttributeError would be a traceback)."""
-  import ast
-  try:
-    source = open(path, encoding='utf-8').read()
-  except (OSError, UnicodeDecodeError):
-    return  # absl says the file cannot be read, in one line
-  try:
-    tree = ast.parse(source, filename=path)
-  except SyntaxError as e:
-    raise ConfigError(f'{path}, line {e.lineno}: {e.msg} (fix the config file)'
-                      ) from None
-  if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
-             or isinstance(node, (ast.Import, ast.ImportFrom, ast.Assign))
-             and 'get_config' in ast.dump(node)
-             for node in tree.body):
-    raise ConfigError(f'{path} defines no get_config(arg): a config file returns its'
-                      ' config from get_config (see configs/tiny.py).')
-
-
 def _parse_flags(argv):
   """absl's parsing, but a bad flag or config is one line and exit code 2."""
   try:
-    for path in _config_files(argv[1:]):
-      check_config_file(path)
+    for path in config_lib.config_files(argv[1:]):
+      config_lib.check_config_file(path)
     return flags.FLAGS(argv)
   except (flags.Error, *USER_ERRORS) as e:
     cause = e

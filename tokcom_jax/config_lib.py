@@ -205,3 +205,35 @@ def finalize(config: ml_collections.ConfigDict, arg: str | None,
   config_checks.check_config(config)
   config.lock()
   return config
+
+
+def config_files(argv) -> list[str]:
+  """The config files named by `--config=FILE[:ARG]` / `--config FILE[:ARG]`."""
+  out = []
+  for i, a in enumerate(argv):
+    value = (a.split('=', 1)[1] if a.startswith('--config=') else
+             argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)
+    if value:
+      out.append(value.split(':', 1)[0])
+  return out
+
+
+def check_config_file(path: str) -> None:
+  """A config file that Python can read and that defines `get_config`, checked
+  before absl runs it (its SyntaxError or AttributeError would be a traceback)."""
+  import ast
+  try:
+    source = open(path, encoding='utf-8').read()
+  except (OSError, UnicodeDecodeError):
+    return  # absl says the file cannot be read, in one line
+  try:
+    tree = ast.parse(source, filename=path)
+  except SyntaxError as e:
+    raise ConfigError(f'{path}, line {e.lineno}: {e.msg} (fix the config file)'
+                      ) from None
+  if not any(isinstance(node, ast.FunctionDef) and node.name == 'get_config'
+             or isinstance(node, (ast.Import, ast.ImportFrom, ast.Assign))
+             and 'get_config' in ast.dump(node)
+             for node in tree.body):
+    raise ConfigError(f'{path} defines no get_config(arg): a config file returns its'
+                      ' config from get_config (see configs/tiny.py).')

@@ -125,8 +125,7 @@ class Trainer:
     if jax.process_index() == 0:
       self.workdir.mkdir(parents=True, exist_ok=True)
     frozen = stage.frozen()
-    # Before any data, tokenizer or frozen model is read: what cannot fit is refused
-    # (the optimizer's state has the same shapes whatever its schedule).
+    # What cannot fit is refused before any data or model is read (any schedule).
     abstract = train_state.abstract_state(stage.build, self.mesh,
                                           train_state.make_optimizer(tc, 1e-4, 1)[0])
     frozen_abstract = train_state.abstract_frozen(frozen, self.mesh)
