@@ -53,6 +53,8 @@ CASES = {
                                '--config.vae_workdir=/nonexistent/vae'],
                               "'/nonexistent/vae' has no checkpoints"),
     'unknown flag': (['--config=configs/tiny.py:vae', '--stpes=3'], "'stpes'"),
+    'config syntax error': (['--config=tests/data/broken_config.py:vae'],
+                            "broken_config.py, line 3: '(' was never closed (fix the config file)"),
 }
 
 

@@ -97,12 +97,27 @@ def run(main):
   app.run(guard(main), flags_parser=_parse_flags)
 
 
+PATH_FLAGS = ('workdir', 'vae_workdir', 'reference', 'input_file', 'output_file')
+
+
+def _expand_paths() -> None:
+  """`~` in a path flag means the home directory, as in a shell (which leaves
+  `--workdir=~/x` as it is); an empty path is refused rather than read as '.'."""
+  for name in PATH_FLAGS:
+    if name in flags.FLAGS and isinstance(flags.FLAGS[name].value, str):
+      if not flags.FLAGS[name].value.strip():
+        raise ConfigError(f'--{name} is empty: give a path, or leave the flag out.')
+      flags.FLAGS[name].value = os.path.expanduser(flags.FLAGS[name].value)
+
+
 def _parse_flags(argv):
   """absl's parsing, but a bad flag or config is one line and exit code 2."""
   try:
     for path in config_lib.config_files(argv[1:]):
-      config_lib.check_config_file(path)
-    return flags.FLAGS(argv)
+      config_lib.check_config_file(os.path.expanduser(path))
+    parsed = flags.FLAGS(argv)
+    _expand_paths()
+    return parsed
   except (flags.Error, *USER_ERRORS) as e:
     cause = e
     while cause.__cause__ is not None or cause.__context__ is not None:
