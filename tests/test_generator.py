@@ -81,9 +81,10 @@ def _decode_chunk(z_BZ, n):  # a stand-in decoder: tokens that depend on the lat
   return (jnp.floor(jnp.abs(z_BZ[:, :K]) * 7).astype(jnp.int32) + n) % V
 
 
-@pytest.mark.parametrize('input,self_condition', [('tokens', True), ('latent', False)])
-def test_kv_cached_sampler_equals_a_full_pass_sampler(input, self_condition):
-  model = make(input, self_condition=self_condition)
+@pytest.mark.parametrize('input,self_condition,condition', [
+    ('tokens', True, 'joint'), ('latent', False, 'separate')])
+def test_kv_cached_sampler_equals_a_full_pass_sampler(input, self_condition, condition):
+  model = make(input, self_condition=self_condition, condition=condition)
   x0 = jax.random.normal(jax.random.key(3), (2, N, Z))
   x, tokens = jax.jit(lambda x0: samplers.head_sample(
       model, _decode_chunk, x0, 4, jax.random.key(0)))(x0)

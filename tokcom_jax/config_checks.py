@@ -168,6 +168,7 @@ CONFIG: dict[str, Rule] = {
     'head.predict': one_of('x1', 'velocity'),
     'head.input': one_of('tokens', 'latent'),
     'head.token_loss': NON_NEGATIVE,
+    'head.condition': one_of('joint', 'separate'),
     'sample.noise_scale': POSITIVE,
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
     **_section('ar', _TRANSFORMER),

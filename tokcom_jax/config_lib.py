@@ -72,10 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   # a flow head (MAR's) or an energy head (CALM's) of `blocks` residual MLP blocks of
   # `width`, `batch_mul` draws per trunk position in training, predicting x1 or the
   # velocity; the trunk reads the previous chunk's 'tokens' or 'latent'; token_loss
-  # weighs the trunk's next-chunk token cross-entropy.
+  # weighs the trunk's next-chunk token cross-entropy; condition: how the flow
+  # head's modulations read (t, state): 'joint' or 'separate' (models/head.py).
   c.head = ml_collections.ConfigDict(dict(
       kind='flow', width=256, blocks=3, batch_mul=4, predict='x1', input='tokens',
-      token_loss=0.0))
+      token_loss=0.0, condition='joint'))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.

@@ -108,6 +108,8 @@ def generator_forward(config, batch: int) -> int:
              + 2 * W * 2 * W + 2 * W * Z)                  # final layer
   if not energy:
     per_row += 2 * (HeadConfig().time_freq_dim * W + W * W)  # timestep MLP
+  if not energy and h.get('condition', 'joint') == 'separate':  # the time's share
+    per_row += 2 * W * (3 * h.blocks + 2) * W
   token_head = positions * 2 * D * K * V if h.token_loss > 0 else 0
   return (_stack(d, d.num_layers, True).forward(batch, N) + positions * inputs
           + positions * h.batch_mul * per_row * (1 + sc) + token_head)

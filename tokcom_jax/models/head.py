@@ -38,6 +38,10 @@ class HeadConfig:
   predict: str = 'x1'  # or 'velocity' (flow head)
   input: str = 'tokens'  # the trunk reads chunk n-1's 'tokens' or its 'latent'
   token_loss: float = 0.0  # weight of the trunk's next-chunk token CE
+  # How the flow head's modulations read (t, h): 'joint' (MAR's: one projection of
+  # silu(t_emb + h)) or 'separate' (a projection of silu(t_emb) plus one of silu(h):
+  # the state's part computed once per chunk, the time's once per step for all rows).
+  condition: str = 'joint'
   time_freq_dim: int = 256
 
   @classmethod
@@ -82,10 +86,11 @@ class _Body(nnx.Module):
     self.modulation = _dense(W, (3 * cfg.blocks + 2) * W, zero=True, rngs=rngs)
     self.out_proj = _dense(W, latent_dim, zero=True, rngs=rngs)
 
-  def __call__(self, x_MI: Array, c_MW: Array) -> Array:
+  def __call__(self, x_MI: Array, c_MW: Array, *, modulated: bool = False) -> Array:
+    """`modulated`: c is the modulation vector itself, not the condition."""
     h_MW = self.input_proj(x_MI)
-    mods = jnp.split(self.modulation(jax.nn.silu(c_MW)), 3 * len(self.res_blocks) + 2,
-                     axis=-1)
+    mods = jnp.split(c_MW if modulated else self.modulation(jax.nn.silu(c_MW)),
+                     3 * len(self.res_blocks) + 2, axis=-1)
     for i, block in enumerate(self.res_blocks):
       h_MW = block(h_MW, *mods[3 * i:3 * i + 3])
     shift, scale = mods[-2:]
@@ -103,22 +108,34 @@ class FlowHead(nnx.Module):
     self.cond_proj = _dense(cond_dim, cfg.width, rngs=rngs)
     self.body = _Body(latent_dim * (2 if self_condition else 1), cfg, latent_dim,
                       rngs=rngs)
+    if cfg.condition == 'separate':  # the time's share; the state's is body.modulation
+      self.time_modulation = _dense(cfg.width, (3 * cfg.blocks + 2) * cfg.width,
+                                    zero=True, rngs=rngs)
 
   def condition(self, c_MD: Array) -> Array:
-    """The trunk state's share of the condition [M, W]: the same at every step of a
-    chunk, so a sampler computes it once (`projected=True` below)."""
-    return self.cond_proj(c_MD.astype(jnp.float32))
+    """The trunk state's share of the condition: the same at every step of a chunk,
+    so a sampler computes it once (`projected=True` below): [M, W], or with
+    `separate` conditioning the state's share of the modulations."""
+    c_MW = self.cond_proj(c_MD.astype(jnp.float32))
+    if self.cfg.condition == 'separate':
+      return self.body.modulation(jax.nn.silu(c_MW))
+    return c_MW
 
   def __call__(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
                x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:
     """The raw output at (x_t, t) given c: x1, or the velocity (`cfg.predict`).
-    `projected`: c is `condition(c)` already."""
-    c_MW = self.time_embed(t_M) + (c_MD if projected else self.condition(c_MD))
+    `projected`: c is `condition(c)` already. `t_M` may be [1]: one time for all
+    rows, as a sampler's step has (its embedding is then computed once)."""
+    c = c_MD if projected else self.condition(c_MD)
+    t_emb = self.time_embed(t_M)
     x_MI = x_t_MZ
     if self.self_condition:
       prev = jnp.zeros_like(x_t_MZ) if x1_prev_MZ is None else x1_prev_MZ
       x_MI = jnp.concatenate([x_t_MZ, prev], axis=-1)
-    return self.body(x_MI, c_MW).astype(jnp.float32)
+    if self.cfg.condition == 'separate':
+      mods = c + self.time_modulation(jax.nn.silu(t_emb))
+      return self.body(x_MI, mods, modulated=True).astype(jnp.float32)
+    return self.body(x_MI, t_emb + c).astype(jnp.float32)
 
   def x1(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
          x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:

@@ -213,13 +213,12 @@ def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Arra
   uniform noise drawn from `key` with an energy head."""
   if model.cfg.head.kind == 'energy':
     return model.head(jax.random.uniform(key, x0_MZ.shape) - 0.5, h_MD)
-  M = x0_MZ.shape[0]
   c_MW = model.head.condition(h_MD)
 
   def step(i, carry):
     x_MZ, x1_prev_MZ = carry
     t, t_next = step_times(i, steps, shift)
-    x1_MZ = model.head.x1(x_MZ, jnp.full((M,), t), c_MW, x1_prev_MZ, projected=True)
+    x1_MZ = model.head.x1(x_MZ, jnp.full((1,), t), c_MW, x1_prev_MZ, projected=True)
     if refine is not None:
       x1_MZ = refine(x1_MZ)
     return euler_step(x_MZ, x1_MZ, t, t_next), x1_MZ
