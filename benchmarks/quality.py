@@ -35,6 +35,7 @@ ROBUST_VAE = 'latent_noise=0.3,token_dropout=0.1'
 NORM64 = 'latent_dim=64,normalize_latent=True,latent_noise=0.5'
 HEAD_VAE = 'order=head,self_condition=False'
 HEAD = STD + ',order=head,steps=16,noise_scale=0.35'
+HEADL = HEAD + ',head.input=latent'
 VARIANTS = {
     'v52': ('', V52),
     'v52_mse': ('', V52 + ',ce_weight=0.0'),
@@ -78,6 +79,12 @@ VARIANTS = {
     'head_width128': (HEAD_VAE, HEAD + ',head.width=128'),
     'head_blocks6': (HEAD_VAE, HEAD + ',head.blocks=6'),
     'head_no_prior': (HEAD_VAE + ',prior_weight=0.0', HEAD),
+    # The same around the latent input (it measured ahead of the token input).
+    'headl_width128': (HEAD_VAE, HEADL + ',head.width=128'),
+    'headl_separate': (HEAD_VAE, HEADL + ',head.condition=separate'),
+    'headl_self_condition': (HEAD_VAE, HEADL + ',self_condition=True'),
+    'headl_tokenloss1': (HEAD_VAE, HEADL + ',head.token_loss=1.0'),
+    'headl_no_prior': (HEAD_VAE + ',prior_weight=0.0', HEADL),
 }
 
 
