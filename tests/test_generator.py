@@ -211,6 +211,7 @@ def head_run(runs):
   return tokcom_jax.load(workdir)
 
 
+@pytest.mark.slow
 def test_a_prompt_ending_inside_a_chunk_is_kept_verbatim_and_continued(head_run):
   model = head_run
   ids = model._tokens('import os\nimport sys\n')
@@ -225,6 +226,7 @@ def test_a_prompt_ending_inside_a_chunk_is_kept_verbatim_and_continued(head_run)
   assert not np.array_equal(tokens, model.sample(3, steps=3, seed=2)[1])
 
 
+@pytest.mark.slow
 def test_evaluation_measures_context_use_and_brier_beside_the_ar_stage(head_run, ar_run):
   from tokcom_jax.evaluation import brier, model_metrics
   from tokcom_jax.inference.loading import load
