@@ -15,8 +15,8 @@ def one_layer(*switches, **extra):
           'dit.num_kv_heads': 1, 'dit.intermediate_size': 64, 'dit.time_freq_dim': 32,
           **extra}
   # The chunkwise recipe, unless a switch names the original (recipe=v52).
-  pins = [] if 'recipe=v52' in switches else ['flow.order=chunkwise',
-                                              'flow.self_condition=True']
+  pins = [] if 'recipe' in extra or 'recipe=v52' in switches else [
+      'flow.order=chunkwise', 'flow.self_condition=True']
   return tiny.get_config(','.join(['vae', *pins, *switches]
                                   + [f'{k}={v}' for k, v in mods.items()]))
 
