@@ -50,7 +50,11 @@ MICRO = dict(
        'eval_batches': 2, 'warmup_steps': 2,
        # Micro runs must reconstruct within a few hundred steps: no latent noise;
        # and no latent prior (tests/test_prior.py trains one end to end).
-       'vae.latent_noise': 0.0, 'vae.prior_weight': 0.0})
+       'vae.latent_noise': 0.0, 'vae.prior_weight': 0.0,
+       # The DiT's chunkwise recipe, which most sampling tests are about (the chunk
+       # generator's runs: tests/test_generator.py).
+       'flow.order': 'chunkwise', 'flow.self_condition': True,
+       'sample.noise_scale': 0.5, 'sample.steps': 50})
 
 
 def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers
