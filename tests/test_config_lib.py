@@ -57,7 +57,8 @@ def test_one_switch_brings_back_the_v52_recipe():
   assert switched.flow.to_dict() == original.flow.to_dict()
   assert switched.vae.latent_noise == switched.vae.token_dropout == 0.0
   assert switched.flow.order == 'parallel' and switched.sample.noise_scale == 1.0
-  assert tiny.get_config('diffusion').flow.order == 'chunkwise'
+  assert switched.sample.steps == 50
+  assert tiny.get_config('diffusion').flow.order == 'head'
   # Modifiers after the switch still apply on top of it.
   assert tiny.get_config('diffusion,recipe=v52,noise_std=0.2').flow.noise_std == 0.2
   with pytest.raises(ConfigError, match="recipe='x': use one of"):

@@ -26,7 +26,7 @@ RECIPES = {
         vae=dict(latent_noise=0.0, latent_dropout=0.0, token_dropout=0.0,
                  normalize_latent=False, autoregressive_decoder=False,
                  prior_weight=0.0),
-        sample=dict(noise_scale=1.0)),
+        sample=dict(noise_scale=1.0, steps=50)),
 }
 
 
