@@ -85,6 +85,8 @@ VARIANTS = {
     'headl_self_condition': (HEAD_VAE, HEADL + ',self_condition=True'),
     'headl_tokenloss1': (HEAD_VAE, HEADL + ',head.token_loss=1.0'),
     'headl_no_prior': (HEAD_VAE + ',prior_weight=0.0', HEADL),
+    # Latent input in both stages: the VAE's prior reads latents too.
+    'headl_latent_prior': (HEAD_VAE + ',head.input=latent', HEADL),
 }
 
 

@@ -15,11 +15,12 @@ from tokcom_jax.models import flow
 
 SMALL = ('vae,max_length=16,vae.hidden_size=32,vae.intermediate_size=64,'
          'vae.latent_dim=8,dit.hidden_size=32,dit.num_layers=1,'
-         'dit.intermediate_size=64,dit.time_freq_dim=32')
+         'dit.intermediate_size=64,dit.time_freq_dim=32,head.width=32')
+DIT = ',order=chunkwise,self_condition=True'  # the DiT prior (the generator's: below)
 
 
 def build(prior_weight):
-  config = tiny.get_config(f'{SMALL},prior_weight={prior_weight}')
+  config = tiny.get_config(f'{SMALL}{DIT},prior_weight={prior_weight}')
   stage = stages.get(config, 'vae')
   return config, stage, stage.build(nnx.Rngs(0))
 
@@ -35,7 +36,7 @@ def test_no_prior_no_parameters_and_the_loss_of_before():
 
 @pytest.mark.parametrize('order', ['parallel', 'chunkwise'])
 def test_the_prior_loss_reaches_the_encoder_and_trains_the_prior(order):
-  config = tiny.get_config(f'{SMALL},prior_weight=0.5,order={order}')
+  config = tiny.get_config(f'{SMALL}{DIT},prior_weight=0.5,order={order}')
   stage = stages.get(config, 'vae')
   model = stage.build(nnx.Rngs(0))
   # The run's flow recipe, on the VAE's own (unstandardized) latents.
@@ -84,6 +85,36 @@ def test_the_prior_mse_is_the_flow_loss_of_the_latent_means():
   metrics, by_hand = loss_and_by_hand(model)
   np.testing.assert_allclose(metrics['prior_mse'], by_hand, rtol=1e-6)
   assert 0.2 < float(metrics['prior_mse']) < 5.0  # an untrained prior: about 1
+
+
+def test_a_chunk_generator_prior_is_trained_by_its_own_loss_into_the_encoder():
+  """With flow.order=head the prior is the chunk generator: its whole loss (on the
+  latent means, the window's tokens as its input) is prior_mse, and it moves the
+  encoder through its target."""
+  from tokcom_jax.models import generator
+  config = tiny.get_config(f'{SMALL},prior_weight=0.5,order=head')
+  stage = stages.get(config, 'vae')
+  model = stage.build(nnx.Rngs(0))
+  assert isinstance(model.prior, generator.ChunkGenerator)
+  assert not model.cfg.prior.standardize
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 1024)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def check(params):
+    m = nnx.merge(graphdef, params)
+    _, metrics = stage.loss(m, {}, tokens, None)
+    by_hand = generator.loss_fn(m.prior, tokens, m.encode(tokens)[0],
+                                jax.random.key(stages.vae.PRIOR_EVAL_KEY),
+                                flow.FlowConfig.from_config(config))[0]
+    grads = jax.grad(lambda p: stage.loss(nnx.merge(graphdef, p), {}, tokens,
+                                          jax.random.key(1))[1]['prior_mse'])(params)
+    return metrics['prior_mse'], by_hand, grads
+
+  prior_mse, by_hand, grads = check(params)
+  np.testing.assert_allclose(prior_mse, by_hand, rtol=1e-6)
+  assert float(optax.tree.norm(grads['to_mean'])) > 1e-4
+  assert float(optax.tree.norm(grads['prior'])) > 1e-3
 
 
 @pytest.mark.slow
