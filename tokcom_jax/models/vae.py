@@ -68,10 +68,16 @@ class VAEConfig(layers.StackFields):
   def from_config(cls, config) -> 'VAEConfig':
     """Reads `config.vae` and the shared fields of a tokcom_jax ConfigDict."""
     kwargs = layers.section_fields(cls, config.vae)
-    if kwargs.get('prior_weight', 0.0) > 0:  # in the VAE's own units: unstandardized
-      prior = (generator.GeneratorConfig if config.flow.order == 'head'
-               else dit.DiTConfig)
-      kwargs['prior'] = dataclasses.replace(prior.from_config(config), standardize=False)
+    if kwargs.get('prior_weight', 0.0) > 0 and config.flow.order == 'head':
+      # The chunk generator, reading the previous chunk's tokens whatever stage 2
+      # reads: an input that does not move with the latents it shapes (a prior that
+      # read latents made them worse for a latent-input stage 2: RESULTS.md).
+      prior = generator.GeneratorConfig.from_config(config)
+      kwargs['prior'] = dataclasses.replace(
+          prior, standardize=False, head=dataclasses.replace(prior.head, input='tokens'))
+    elif kwargs.get('prior_weight', 0.0) > 0:  # in the VAE's own units: unstandardized
+      kwargs['prior'] = dataclasses.replace(dit.DiTConfig.from_config(config),
+                                            standardize=False)
     return cls(vocab_size=config.vocab_size, chunk_size=config.chunk_size,
                **layers.stack_options(config), **kwargs)
 
