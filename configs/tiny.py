@@ -43,14 +43,16 @@ def get_config(arg: str | None = None):
       hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
       intermediate_size=384, rope_theta=10_000.0, tie_embeddings=False))
   # The best generation recipe measured on this config (benchmarks/RESULTS.md, "The
-  # chunk generator"): a trunk over chunks run once per chunk, reading the tokens of
+  # chunk generator"): a trunk over chunks run once per chunk, reading the latent of
   # the chunk before, and a small flow head (x1 prediction, 3 blocks of 256; the
-  # `head` section's defaults) drawing each latent in 16 Euler steps from 0.35 of
-  # the noise, on standardized latents with noise at their own scale, MSE flow
-  # matching. `flow.order=chunkwise,self_condition=True,noise_scale=0.5,steps=50` is
-  # the DiT recipe before it; `recipe=v52` the original (VAE, flow, sampler).
+  # `head` section's other defaults) drawing each latent in 16 Euler steps from 0.35
+  # of the noise, on standardized latents with noise at their own scale, MSE flow
+  # matching; the VAE's prior is the same generator (reading tokens). The DiT recipe
+  # before it: `order=chunkwise,self_condition=True,noise_scale=0.5,steps=50`;
+  # `recipe=v52` the original (VAE, flow, sampler).
   config.flow.update(dict(standardize=True, noise_std=1.0, ce_weight=0.0,
                           self_condition=False, order='head'))
+  config.head.update(dict(input='latent'))
   config.vae_workdir = 'runs/tiny/vae'
   config.train.update(dict(batch_size=32, warmup_steps=50, log_every=50,
                            eval_every=250, eval_batches=8))
