@@ -17,7 +17,7 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 demo: $(VENV)/.installed
 	python train.py --config configs/tiny.py:all
-	python sample.py --steps 50
+	python sample.py
 	python -m tokcom_jax.evaluate --workdir runs/tiny/diffusion
 	@echo
 	@echo 'Results: runs/tiny/vae (stage 1) and runs/tiny/diffusion (stage 2): metrics.jsonl, samples.jsonl, checkpoints/;'
