@@ -57,8 +57,8 @@ class FlowStage(Stage):
 
     def decoded_metrics(x_BNZ, tokens):
       logits = vae_model.decode(model.to_latent(x_BNZ), tokens)
-      return token_metrics.reconstruction_metrics(logits, tokens, jnp.ones_like(tokens),
-                                        self.config.chunk_size)
+      return token_metrics.reconstruction_metrics(
+          logits, tokens, jnp.ones_like(tokens), self.config.chunk_size)
     return generator.loss_fn(model, tokens_BL, x1_BNZ, rng, self.flow,
                              decoded_metrics=decoded_metrics if decoder else None,
                              **kwargs)
@@ -77,7 +77,8 @@ class FlowStage(Stage):
       _, m = self._head_loss(model, frozen, tokens_BL, k, decoder=True, t=t)
       _, m_other = self._head_loss(model, frozen, tokens_BL, k, decoder=False, t=t,
                                    states_BND=other_BND)
-      own.append(m), other.append(m_other['mse'])
+      own.append(m)
+      other.append(m_other['mse'])
       if t is not None:
         out.update({f'ce_t{t}': m['ce'], f'mse_t{t}': m['mse'],
                     f'token_accuracy_t{t}': m['token_accuracy']})
