@@ -87,6 +87,10 @@ VARIANTS = {
     'headl_no_prior': (HEAD_VAE + ',prior_weight=0.0', HEADL),
     # Latent input in both stages: the VAE's prior reads latents too.
     'headl_latent_prior': (HEAD_VAE + ',head.input=latent', HEADL),
+    # Shortcut heads: steps of 2/S … 1 learned from the head's own steps of 1/S.
+    'headl_shortcut16': (HEAD_VAE, HEADL + ',head.shortcut_from=16'),
+    'headl_shortcut8': (HEAD_VAE, HEADL + ',head.shortcut_from=8'),
+    'headl_shortcut4': (HEAD_VAE, HEADL + ',head.shortcut_from=4'),
 }
 
 

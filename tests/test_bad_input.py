@@ -597,3 +597,24 @@ def test_flags_a_run_does_not_use_are_refused_not_ignored():
   for flag in cli.TOKCOM_ONLY:
     with pytest.raises(ConfigError):
       cli.check_flags_apply({flag: 1}, 'ar', 'runs/a')
+
+
+def test_eval_batches_beyond_the_validation_windows_are_clamped_with_one_warning(
+    caplog):
+  from tokcom_jax.data import batches
+  with caplog.at_level('WARNING'):
+    counts = [batches.eval_batch_count(16, 70, 32) for _ in range(3)]
+  assert counts == [3, 3, 3]  # 70 windows fill 3 batches of 32 (the last wraps)
+  warnings = [r.getMessage() for r in caplog.records]
+  assert warnings == ['train.eval_batches=16 is more than the 3 batches of 70'
+                      ' validation windows: evaluating 3.']
+  assert batches.eval_batch_count(2, 70, 32) == 2
+  assert batches.eval_batch_count(5, 5, 32) == 1
+
+
+def test_sampling_of_several_batches_shows_progress_once_it_takes_seconds():
+  from tokcom_jax.inference.autoregressive import batch_starts
+  bar = batch_starts(10, 4)
+  assert not bar.disable and bar.delay == 2
+  assert list(bar) == [0, 4, 8]
+  assert batch_starts(4, 4).disable  # one batch: nothing to count

@@ -74,12 +74,14 @@ def _full_pass_sample(model, decode_chunk, x0_BNZ, steps):
       prev = model.head.x1(x_BZ, jnp.full((B,), t), h_BD, prev)
       x_BZ = samplers.euler_step(x_BZ, prev, t, t_next)
     x = x.at[:, n].set(x_BZ)
-    tokens = tokens.at[:, n * K:(n + 1) * K].set(decode_chunk(x_BZ, n))
+    tokens = tokens.at[:, n * K:(n + 1) * K].set(
+        decode_chunk(x_BZ[:, None], jnp.asarray([n]))[:, 0])
   return x, tokens
 
 
-def _decode_chunk(z_BZ, n):  # a stand-in decoder: tokens that depend on the latent
-  return (jnp.floor(jnp.abs(z_BZ[:, :K]) * 7).astype(jnp.int32) + n) % V
+def _decode_chunk(z_BTZ, n_T):  # a stand-in decoder: tokens that depend on the latent
+  return (jnp.floor(jnp.abs(z_BTZ[..., :K]) * 7).astype(jnp.int32)
+          + n_T[None, :, None]) % V
 
 
 @pytest.mark.parametrize('input,self_condition,condition', [
@@ -123,7 +125,8 @@ def test_held_chunks_and_tokens_are_kept_and_read():
   np.testing.assert_array_equal(x[:, 0], known[:, 0])
   np.testing.assert_array_equal(tokens[:, :K + 2], prompt[:, :K + 2])  # verbatim
   # The rest of the second chunk is what its latent decodes to.
-  np.testing.assert_array_equal(tokens[:, K + 2:2 * K], _decode_chunk(x[:, 1], 1)[:, 2:])
+  np.testing.assert_array_equal(tokens[:, K + 2:2 * K],
+                                _decode_chunk(x[:, 1:2], jnp.asarray([1]))[:, 0, 2:])
 
 
 def test_head_euler_loop_with_the_exact_predictor_reproduces_gaussian_data():
@@ -131,13 +134,14 @@ def test_head_euler_loop_with_the_exact_predictor_reproduces_gaussian_data():
   head; the sampler's chunks must come out with the data's mean and variance."""
   mu, s, sigma = 1.5, 0.5, 1.0
 
-  def exact_x1(x_t, t, h, prev=None, projected=False):
+  def exact_x1(x_t, t, h, prev=None, **_):
     t = t[:, None]
     gain = t * s**2 / (t**2 * s**2 + (1 - t)**2 * sigma**2)
     return mu + gain * (x_t - t * mu)
 
   stub = types.SimpleNamespace(
-      cfg=types.SimpleNamespace(chunk_size=K, head=types.SimpleNamespace(kind='flow')),
+      cfg=types.SimpleNamespace(chunk_size=K, head=types.SimpleNamespace(
+          kind='flow', input='tokens')),
       head=types.SimpleNamespace(x1=exact_x1, condition=lambda h: h),
       start_input=lambda B: jnp.zeros((B, 1, 1)),
       init_cache=lambda B, N: jnp.zeros(()),
@@ -145,8 +149,9 @@ def test_head_euler_loop_with_the_exact_predictor_reproduces_gaussian_data():
       to_latent=lambda x: x,
       chunk_input=lambda tokens, x: jnp.zeros((tokens.shape[0], 1, 1)))
   x0 = sigma * jax.random.normal(jax.random.key(0), (4000, 3, 2))
-  x, _ = samplers.head_sample(stub, lambda z, n: jnp.zeros((z.shape[0], K), jnp.int32),
-                              x0, 100, jax.random.key(1))
+  x, _ = samplers.head_sample(  # a traced step count: the sampler's fori_loop
+      stub, lambda z, n: jnp.zeros(z.shape[:2] + (K,), jnp.int32), x0,
+      jnp.asarray(100), jax.random.key(1))
   np.testing.assert_allclose(np.mean(x), mu, atol=0.02)
   np.testing.assert_allclose(np.var(x), s**2, rtol=0.05)
 
@@ -244,3 +249,29 @@ def test_evaluation_measures_context_use_and_brier_beside_the_ar_stage(head_run,
     assert set(s) == {'brier_1', 'brier_2', 'brier_3', 'brier_4', 'brier_lm'}
     assert all(-1.0 <= s[f'brier_{n}'] <= 1.0 for n in (1, 2, 3, 4))
     assert 0.0 <= s['brier_lm'] <= 100.0
+
+
+def test_shortcut_loss_targets_two_half_steps_and_the_flow_at_the_finest_size():
+  """A stub head whose x1 does not depend on x_t: x1 = 1 + d·e. Two of its steps of
+  d land where one step toward their common x1 does, so the target is 1 + d'·e
+  (d' = d, or 0 at the finest size 1/S, the flow's) and the student predicts
+  1 + 2d·e: the loss is the mean of (2d - d')² over the sizes drawn."""
+  S, M = 8, 30000
+  calls = []
+
+  def x1(x_t, t, c, projected=False, d_M=None):
+    calls.append((np.asarray(t), np.asarray(d_M)))
+    return jnp.ones_like(x_t) + d_M[:, None] * jnp.ones_like(x_t)
+
+  stub = types.SimpleNamespace(cfg=types.SimpleNamespace(shortcut_from=S),
+                               condition=lambda c: c, x1=x1)
+  loss = head_lib.shortcut_loss(stub, jnp.zeros((M, 3)), jnp.zeros((M, 2)),
+                                jax.random.key(0), 1.0)
+  two_d = calls[2][1]  # the student's sizes: 1, 1/2, 1/4, each a third of rows
+  np.testing.assert_allclose(sorted(set(two_d.tolist())), [0.25, 0.5, 1.0])
+  np.testing.assert_allclose(calls[0][1], np.where(two_d == 2 / S, 0, two_d / 2))
+  t = calls[0][0]
+  assert np.all(t + two_d <= 1) and np.allclose(t / two_d, np.round(t / two_d))
+  expected = np.mean(np.where(two_d == 2 / S, two_d, two_d / 2) ** 2)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(expected, (1 / 4 + 1 / 16 + 1 / 16) / 3, rtol=0.02)

@@ -126,3 +126,37 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(corpus, tmp_path):
   assert len(landed) >= 2 and all(0 < k['killed_at'] < 24 for k in landed)
   assert report['losses_identical'] and report['losses_compared'] > 24
   assert report['params_identical'] and report['final_step'] == [24, 24]
+
+
+def test_a_run_samples_while_it_trains(corpus, tmp_path):
+  """An `ar` run training in another process, saving a checkpoint every step and
+  deleting old ones: 20 loads and samples in a row, each must succeed."""
+  import time
+
+  import tokcom_jax
+  workdir = tmp_path / 'ar'
+  flags = train_fixtures.micro_flags(*corpus, stage='ar', **{
+      'train.ar.num_steps': 100_000, 'checkpoint_every': 1, 'eval_every': 3,
+      'keep_checkpoints': 2})
+  proc = subprocess.Popen([sys.executable, TRAIN, f'--workdir={workdir}', *flags],
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    steps_dir = workdir / 'checkpoints'
+    steps_seen = []
+    for _ in range(20):
+      # Each read starts once a new checkpoint has been written, while others are.
+      deadline = time.monotonic() + 300
+      while not any(int(p.name) > max(steps_seen, default=-1)
+                    for p in steps_dir.glob('[0-9]*') if p.name.isdigit()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, 'no new checkpoint in 300 s'
+        time.sleep(0.05)
+      model = tokcom_jax.load(str(workdir))  # its best step, not always the newest
+      steps_seen.append(max(int(p.name) for p in steps_dir.glob('[0-9]*')
+                            if p.name.isdigit()))
+      assert len(model.generate(1, num_tokens=4, seed=len(steps_seen), prompt='x')[0]) > 1
+    assert proc.poll() is None  # it trained through every read
+  finally:
+    proc.kill()
+    proc.wait()

@@ -18,7 +18,7 @@ import tokcom_jax
 from tokcom_jax import config_lib, evaluate
 from tokcom_jax import stages
 from tokcom_jax.errors import CheckpointError
-from tokcom_jax.storage import checkpoint, portable
+from tokcom_jax.storage import checkpoint, orbax_reports, portable
 from tokcom_jax.training import sharding
 from tokcom_jax.training import train_state
 from tokcom_jax.training import trainer as trainer_lib
@@ -278,7 +278,7 @@ def test_abandoned_orbax_reads_report_nothing_else_still_does():
       logger.removeHandler(handler)
     return sorted(r.getMessage().split('\n')[0] for r in records)
 
-  checkpoint._quiet_orbax_leftovers('/runs/vae/checkpoints')
+  orbax_reports.quiet_leftovers('/runs/vae/checkpoints')
   assert reports_of('/venv/site-packages/orbax/checkpoint/fake.py',
                     '/runs/vae/checkpoints') == []
   assert reports_of('/venv/site-packages/other/fake.py', '/elsewhere') == [

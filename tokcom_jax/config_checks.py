@@ -169,6 +169,8 @@ CONFIG: dict[str, Rule] = {
     'head.input': one_of('tokens', 'latent'),
     'head.token_loss': NON_NEGATIVE,
     'head.condition': one_of('joint', 'separate'),
+    'head.shortcut_from': rule(lambda v: _int(v) and (v == 0 or v >= 2 and not v & v - 1),
+                               '0 or a power of 2 >= 2'),
     'sample.noise_scale': POSITIVE,
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
     **_section('ar', _TRANSFORMER),
@@ -288,6 +290,11 @@ def _check_combinations(c) -> None:
     _fail(f'head.kind=energy, head.batch_mul={c.head.batch_mul}',
           'the energy score compares at least 2 samples per position',
           'head.batch_mul=8')
+  if c.flow.order == 'head' and c.head.shortcut_from and (
+      c.head.kind != 'flow' or c.head.predict != 'x1' or c.flow.self_condition):
+    _fail(f'head.shortcut_from={c.head.shortcut_from}',
+          'shortcuts are learned by a flow head predicting x1 without'
+          ' self-conditioning', 'head.shortcut_from=0')
   for stage in ('vae', 'diffusion') if c.stage == 'all' else (c.stage,):
     s = c.train[stage]
     if s.num_steps == 0 and s.epochs == 0:

@@ -73,10 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   # `width`, `batch_mul` draws per trunk position in training, predicting x1 or the
   # velocity; the trunk reads the previous chunk's 'tokens' or 'latent'; token_loss
   # weighs the trunk's next-chunk token cross-entropy; condition: how the flow
-  # head's modulations read (t, state): 'joint' or 'separate' (models/head.py).
+  # head's modulations read (t, state): 'joint' or 'separate' (models/head.py);
+  # shortcut_from: S > 0 (a power of 2) teaches the head steps of 2/S … 1 from its
+  # own steps of 1/S, so that it samples in S/2, …, 2, 1 steps (models/head.py).
   c.head = ml_collections.ConfigDict(dict(
       kind='flow', width=256, blocks=3, batch_mul=4, predict='x1', input='tokens',
-      token_loss=0.0, condition='joint'))
+      token_loss=0.0, condition='joint', shortcut_from=0))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.

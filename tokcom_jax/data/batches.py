@@ -147,6 +147,21 @@ def eval_indices(batch: int, num_windows: int, global_batch: int) -> np.ndarray:
   return np.arange(batch * global_batch, (batch + 1) * global_batch) % num_windows
 
 
+def eval_batch_count(requested: int, num_windows: int, global_batch: int) -> int:
+  """`train.eval_batches`, clamped to the batches the validation windows fill (more
+  would score the same windows again), with one warning when it is."""
+  available = max(1, -(-num_windows // global_batch))
+  if requested > available and (requested, available) not in _CLAMPED:
+    _CLAMPED.add((requested, available))
+    logging.warning('train.eval_batches=%d is more than the %d batches of %d'
+                    ' validation windows: evaluating %d.', requested, available,
+                    num_windows, available)
+  return min(requested, available)
+
+
+_CLAMPED: set[tuple[int, int]] = set()
+
+
 def steps_per_epoch(num_windows: int, global_batch: int) -> int:
   return num_windows // global_batch
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from tokcom_jax import stages
 from tokcom_jax.data.tokenizer import ids_text, text_ids
@@ -59,7 +60,7 @@ class AutoregressiveLM:
     check_counts(num_samples, batch_size)
     batch_size = batch_size or num_samples
     P, out = len(prompt_ids), []
-    for first in range(0, num_samples, batch_size):
+    for first in batch_starts(num_samples, batch_size):
       B = min(batch_size, num_samples - first)
       buffer = np.full((B, self.max_length), self.eos, np.int32)
       buffer[:, 1:1 + P] = prompt_ids
@@ -96,6 +97,13 @@ class AutoregressiveLM:
       ce = np.asarray(self._token_ce(self.params, jnp.asarray(buffer)))
       out.extend(ce[i, :len(r) - 1] for i, r in enumerate(batch))
     return out
+
+
+def batch_starts(num_samples: int, batch_size: int):
+  """The first sample of each batch, with a progress bar on stderr once sampling
+  has taken more than 2 seconds (none for a quick call)."""
+  return tqdm(range(0, num_samples, batch_size), desc='sampling', unit='batch',
+              delay=2, leave=False, disable=num_samples <= batch_size)
 
 
 def check_counts(num_samples: int, batch_size: int | None) -> None:

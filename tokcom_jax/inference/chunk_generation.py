@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tokcom_jax.inference.autoregressive import batch_starts
 from tokcom_jax.models import flow, samplers
 from tokcom_jax.models.decoding import choose_tokens
 
@@ -33,25 +34,25 @@ def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_i
   known = np.zeros((N, Z), np.float32)
   known[:len(prompt_z)] = prompt_z
   latents, tokens = [], []
-  for first in range(0, num_samples, batch_size):
+  for first in batch_starts(num_samples, batch_size):
     B = min(batch_size, num_samples - first)
     key = jax.random.fold_in(jax.random.key(seed), first)
     x0 = flow.sample_noise(key, (B, N, Z), model.config.flow.noise_std * noise_scale)
     z, out = _sample(
         model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
-        model.dit_params, model.vae_params, x0, steps, jax.random.fold_in(key, 1),
+        model.dit_params, model.vae_params, x0, int(steps), jax.random.fold_in(key, 1),
         jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)),
         jnp.broadcast_to(prompt, (B, N * K)), jnp.broadcast_to(prompt_mask, (B, N * K)),
-        len(prompt_ids) % K > 0, *choosing)
+        len(prompt_ids) % K > 0, *choosing, len(prompt_ids) > 0)
     latents.append(np.asarray(z))
     tokens.append(np.asarray(out))
   return np.concatenate(latents), np.concatenate(tokens)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 12, 13, 14, 15))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 12, 13, 14, 15, 16))
 def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, steps,
             key, known_mask_BN, known_BNZ, prompt_BL, prompt_mask_BL, guide,
-            temperature, top_k, top_p):
+            temperature, top_k, top_p, prompted):
   """Latents (VAE units) and tokens; with `guide`, the chunk the prompt ends inside
   is drawn under guidance toward its known tokens (`samplers.prefix_guidance`)."""
   model = nnx.merge(dit_graphdef, dit_params)
@@ -59,10 +60,14 @@ def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, s
   B, N, _ = x0_BNZ.shape
   K = prompt_BL.shape[1] // N
 
-  def decode_chunk(z_BZ, n):
-    return vae.decode_tokens(z_BZ[:, None], lambda logits, k: choose_tokens(
-        logits, jax.random.fold_in(jax.random.fold_in(key, n), k), temperature,
-        top_k, top_p))[0]
+  def decode(z_BTZ, n_T):
+    """Tokens [B, T, K] of chunks n_T, token k of chunk n drawn with key (n, k)."""
+    def choose(logits_BTV, k):
+      keys_T = jax.vmap(lambda n: jax.random.fold_in(jax.random.fold_in(key, n), k))(n_T)
+      return jax.vmap(lambda logits_BV, key: choose_tokens(
+          logits_BV, key, temperature, top_k, top_p), in_axes=(1, 0), out_axes=1)(
+              logits_BTV, keys_T)
+    return vae.decode_tokens(z_BTZ, choose)[0].reshape(z_BTZ.shape[0], -1, K)
 
   refine = refine_chunks_N = None
   if guide:  # the prompt's tokens in a chunk it does not fill
@@ -83,11 +88,12 @@ def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, s
                 * mask_BK).sum()
       return samplers.prefix_guidance(prefix_ce, size, jnp.ones((B, 1)))(x1_BZ)
     refine_chunks_N = partial_BNK.max(axis=(0, 2)) > 0
-  x_BNZ, tokens_BL = samplers.head_sample(
-      model, decode_chunk, x0_BNZ, steps, key, shift=shift,
+  held = {} if not prompted else dict(
       known_mask_BN=known_mask_BN, known_BNZ=model.to_flow(known_BNZ),
-      known_tokens_BL=prompt_BL, known_token_mask_BL=prompt_mask_BL,
-      refine=refine, refine_chunks_N=refine_chunks_N)
+      known_tokens_BL=prompt_BL, known_token_mask_BL=prompt_mask_BL)
+  x_BNZ, tokens_BL = samplers.head_sample(  # without a prompt, no held-chunk code
+      model, decode, x0_BNZ, steps, key, shift=shift, refine=refine,
+      refine_chunks_N=refine_chunks_N, **held)
   # Held chunks exactly as given (the round trip through the flow's units rounds).
   return (jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x_BNZ)),
           tokens_BL)

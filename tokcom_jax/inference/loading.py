@@ -13,7 +13,8 @@ from tokcom_jax.training import sharding, train_state
 
 def load(workdir: str, vae_workdir: str | None = None) -> TokCom | AutoregressiveLM:
   """Loads what train.py wrote in `workdir`: a TokCom (from a stage-2 run, or the
-  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run).
+  VAE alone from a stage-1 run) or the autoregressive baseline (an `ar` run); its
+  `step` is the checkpoint step read (the run's best, or its newest readable).
 
   A stage-2 run finds its VAE where it recorded it (relative to itself, so a moved
   or copied runs/ tree loads) or at `vae_workdir`, and refuses any VAE other than
@@ -23,7 +24,19 @@ def load(workdir: str, vae_workdir: str | None = None) -> TokCom | Autoregressiv
   mesh = sharding.make_mesh(-1, 1)
   abstract = lambda stage: train_state.abstract_params(
       stages.get(config, stage).build, mesh)[1]
-  restore = lambda stage: checkpoint.restore_params(workdir, abstract(stage))[0]
+  step = None
+
+  def restore(stage):
+    nonlocal step
+    params, _, step = checkpoint.restore_params(workdir, abstract(stage))
+    return params
+
+  model = _load(workdir, vae_workdir, meta, config, mesh, restore)
+  model.step = step
+  return model
+
+
+def _load(workdir, vae_workdir, meta, config, mesh, restore):
   if meta['stage'] in ('ar', 'vae'):
     tokenizer = load_tokenizer(config.tokenizer, portable.tokenizer_dir(workdir, meta))
     if meta['stage'] == 'ar':

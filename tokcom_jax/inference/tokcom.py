@@ -28,7 +28,7 @@ from tokcom_jax import stages
 from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
 from tokcom_jax.inference import chunk_generation
-from tokcom_jax.inference.autoregressive import check_counts
+from tokcom_jax.inference.autoregressive import batch_starts, check_counts
 from tokcom_jax.models import flow, samplers
 from tokcom_jax.models.decoding import choose_tokens
 
@@ -202,7 +202,7 @@ class TokCom:
     prefix_mask[held * K:len(prompt_ids)] = 1.0
     batch_size = batch_size or num_samples
     latents, tokens = [], []
-    for first in range(0, num_samples, batch_size):
+    for first in batch_starts(num_samples, batch_size):
       B = min(batch_size, num_samples - first)
       key = jax.random.fold_in(jax.random.key(seed), first)
       x0 = flow.sample_noise(key, (B, N, Z), self.config.flow.noise_std * noise_scale)

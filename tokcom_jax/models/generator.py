@@ -176,6 +176,11 @@ def loss_fn(model: ChunkGenerator, tokens_BL: Array, x1_BNZ: Array, rng: Array,
       target_MZ = x1_MZ - x0_MZ
     metrics['mse'] = jnp.mean(jnp.square(x1_pred_MZ - x1_MZ))  # in x1's units
     loss = cfg.mse_weight * jnp.mean(jnp.square(out_MZ - target_MZ))
+    if hc.shortcut_from:  # one more draw per position, for the step sizes
+      metrics['shortcut_mse'] = head_lib.shortcut_loss(
+          model.head, x1_BNZ.reshape(B * N, Z), h_BND.reshape(B * N, -1),
+          jax.random.fold_in(rng, 3), cfg.noise_std)
+      loss = loss + cfg.mse_weight * metrics['shortcut_mse']
   if hc.token_loss > 0:
     logits_BNKV = model.next_token_logits(h_BND)
     target_BNK = tokens_BL.reshape(B, N, -1)

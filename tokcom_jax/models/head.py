@@ -43,6 +43,10 @@ class HeadConfig:
   # the state's part computed once per chunk, the time's once per step for all rows).
   condition: str = 'joint'
   time_freq_dim: int = 256
+  # Shortcuts (`shortcut_step`): 0 off; S (a power of 2 ≥ 2): the flow head also
+  # learns steps of 2/S, 4/S, …, 1 from two of its own half-size steps, those of
+  # 1/S being the flow's, so that it samples in 1, 2, 4, … steps.
+  shortcut_from: int = 0
 
   @classmethod
   def from_config(cls, config) -> 'HeadConfig':
@@ -111,6 +115,22 @@ class FlowHead(nnx.Module):
     if cfg.condition == 'separate':  # the time's share; the state's is body.modulation
       self.time_modulation = _dense(cfg.width, (3 * cfg.blocks + 2) * cfg.width,
                                     zero=True, rngs=rngs)
+    if cfg.shortcut_from:  # the step size d, embedded like the time and added to it
+      self.step_embed = dit.TimestepEmbedding(cfg.width, freq_dim=cfg.time_freq_dim,
+                                              rngs=rngs)
+
+  def _time(self, t: Array, d: Array | None) -> Array:
+    """The time's (and step size's) embedding; d = 0 (or None): the flow's."""
+    t_emb = self.time_embed(t)
+    if self.cfg.shortcut_from:
+      t_emb = t_emb + self.step_embed(jnp.zeros_like(t) if d is None else d)
+    return t_emb
+
+  def step_size(self, steps: int) -> float:
+    """The step size a sampler of `steps` uniform steps tells the head: 1/steps
+    where it learned shortcuts of that size, else 0 (the flow)."""
+    S = self.cfg.shortcut_from
+    return 1.0 / steps if S and steps < S and S % steps == 0 else 0.0
 
   def condition(self, c_MD: Array) -> Array:
     """The trunk state's share of the condition: the same at every step of a chunk,
@@ -121,29 +141,75 @@ class FlowHead(nnx.Module):
       return self.body.modulation(jax.nn.silu(c_MW))
     return c_MW
 
+  def modulations(self, t_T: Array, c_MW: Array, d: float = 0.0) -> Array:
+    """Every block's modulations at each of the times t [T] for the projected
+    conditions c [M, W] (`condition`): [T, M, (3·blocks + 2)·W]. They do not depend
+    on x_t, so a sampler with a fixed grid computes all its steps' in one matmul
+    (at batch 1 a step's cost is the weights it reads: this reads them once)."""
+    t_emb_T1W = self._time(t_T, jnp.full_like(t_T, d))[:, None]
+    if self.cfg.condition == 'separate':
+      return c_MW[None] + self.time_modulation(jax.nn.silu(t_emb_T1W))
+    return self.body.modulation(jax.nn.silu(t_emb_T1W + c_MW[None]))
+
   def __call__(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
-               x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:
+               x1_prev_MZ: Array | None = None, *, projected: bool = False,
+               mods_MX: Array | None = None, d_M: Array | None = None) -> Array:
     """The raw output at (x_t, t) given c: x1, or the velocity (`cfg.predict`).
     `projected`: c is `condition(c)` already. `t_M` may be [1]: one time for all
-    rows, as a sampler's step has (its embedding is then computed once)."""
-    c = c_MD if projected else self.condition(c_MD)
-    t_emb = self.time_embed(t_M)
+    rows, as a sampler's step has (its embedding is then computed once). `mods_MX`:
+    the modulations at (t, c) (`modulations`), c then unused. `d_M`: the step size
+    of a shortcut head (None: 0, the flow)."""
     x_MI = x_t_MZ
     if self.self_condition:
       prev = jnp.zeros_like(x_t_MZ) if x1_prev_MZ is None else x1_prev_MZ
       x_MI = jnp.concatenate([x_t_MZ, prev], axis=-1)
+    if mods_MX is not None:
+      return self.body(x_MI, mods_MX, modulated=True).astype(jnp.float32)
+    c = c_MD if projected else self.condition(c_MD)
+    t_emb = self._time(t_M, d_M)
     if self.cfg.condition == 'separate':
       mods = c + self.time_modulation(jax.nn.silu(t_emb))
       return self.body(x_MI, mods, modulated=True).astype(jnp.float32)
     return self.body(x_MI, t_emb + c).astype(jnp.float32)
 
   def x1(self, x_t_MZ: Array, t_M: Array, c_MD: Array,
-         x1_prev_MZ: Array | None = None, *, projected: bool = False) -> Array:
+         x1_prev_MZ: Array | None = None, *, projected: bool = False,
+         mods_MX: Array | None = None, d_M: Array | None = None) -> Array:
     """The prediction of x1, whatever the head is trained to output."""
-    out_MZ = self(x_t_MZ, t_M, c_MD, x1_prev_MZ, projected=projected)
+    out_MZ = self(x_t_MZ, t_M, c_MD, x1_prev_MZ, projected=projected, mods_MX=mods_MX,
+                  d_M=d_M)
     if self.cfg.predict == 'x1':
       return out_MZ
     return x_t_MZ + (1.0 - t_M)[:, None] * out_MZ  # x1 = x_t + (1 - t)·v
+
+
+def shortcut_loss(head: FlowHead, x1_MZ: Array, c_MD: Array, rng: Array,
+                  noise_std: float) -> Array:
+  """The shortcut head's self-consistency (Frans et al. 2024, "One Step Diffusion
+  via Shortcut Models"), in x1's units: from x_t on the straight path, one step of
+  size 2d must land where two of the head's own steps of size d land (no gradient
+  through those); steps of the smallest size d = 1/S are the flow's (d = 0). t lies
+  on the grid of 2d, so that t + 2d ≤ 1. The mean squared error, one draw per row."""
+  S = head.cfg.shortcut_from
+  k_rng, t_rng, noise_rng = jax.random.split(rng, 3)
+  M = x1_MZ.shape[0]
+  two_d = 2.0 ** -jax.random.randint(k_rng, (M,), 0, S.bit_length() - 1).astype(
+      jnp.float32)  # 1, 1/2, …, 2/S
+  d = two_d / 2
+  t = jnp.floor(jax.random.uniform(t_rng, (M,)) / two_d) * two_d
+  x0_MZ = noise_std * jax.random.normal(noise_rng, x1_MZ.shape, jnp.float32)
+  x_t_MZ = (1 - t)[:, None] * x0_MZ + t[:, None] * x1_MZ
+  c_MW = head.condition(c_MD)
+  d_half = jnp.where(d * S < 1.5, 0.0, d)  # 1/S: the flow's own steps
+  lerp = lambda x, x1, t, t_next: x + ((t_next - t) / (1 - t))[:, None] * (x1 - x)
+  x_mid = lerp(x_t_MZ, head.x1(x_t_MZ, t, c_MW, projected=True, d_M=d_half), t, t + d)
+  x_end = lerp(x_mid, head.x1(x_mid, t + d, c_MW, projected=True, d_M=d_half),
+               t + d, t + two_d)
+  # The x1 whose one step of 2d from x_t lands on x_end.
+  target_MZ = jax.lax.stop_gradient(
+      x_t_MZ + ((1 - t) / two_d)[:, None] * (x_end - x_t_MZ))
+  pred_MZ = head.x1(x_t_MZ, t, c_MW, projected=True, d_M=two_d)
+  return jnp.mean(jnp.square(pred_MZ - target_MZ))
 
 
 class EnergyHead(nnx.Module):

@@ -214,20 +214,28 @@ def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Arra
   if model.cfg.head.kind == 'energy':
     return model.head(jax.random.uniform(key, x0_MZ.shape) - 0.5, h_MD)
   c_MW = model.head.condition(h_MD)
+  if isinstance(steps, int):  # a fixed grid: every step's modulations in one matmul
+    mods_S = model.head.modulations(flow.grid_time(jnp.arange(steps), steps, shift),
+                                    c_MW, model.head.step_size(steps))
 
   def step(i, carry):
     x_MZ, x1_prev_MZ = carry
     t, t_next = step_times(i, steps, shift)
-    x1_MZ = model.head.x1(x_MZ, jnp.full((1,), t), c_MW, x1_prev_MZ, projected=True)
+    x1_MZ = model.head.x1(x_MZ, jnp.full((1,), t), c_MW, x1_prev_MZ, projected=True,
+                          mods_MX=mods_S[i] if isinstance(steps, int) else None)
     if refine is not None:
       x1_MZ = refine(x1_MZ)
     return euler_step(x_MZ, x1_MZ, t, t_next), x1_MZ
 
-  return jax.lax.fori_loop(0, jnp.asarray(steps, jnp.int32), step,
-                           (x0_MZ, jnp.zeros_like(x0_MZ)))[0]
+  carry = (x0_MZ, jnp.zeros_like(x0_MZ))
+  if isinstance(steps, int):  # unrolled: one program, the grid's times constants
+    for i in range(steps):
+      carry = step(i, carry)
+    return carry[0]
+  return jax.lax.fori_loop(0, steps, step, carry)[0]
 
 
-def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Array,
+def head_sample(model, decode: Callable[[Array, Array], Array], x0_BNZ: Array,
                 steps: int | Array, key: Array, *, shift: float = 1.0,
                 known_mask_BN: Array | None = None, known_BNZ: Array | None = None,
                 known_tokens_BL: Array | None = None,
@@ -238,8 +246,11 @@ def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Ar
   another, all in one loop: a trunk step over the KV cache of the chunks before
   gives the state h_n; the head turns it into chunk n's latent (`steps` Euler steps
   from x0[:, n] with a flow head; one pass from uniform noise drawn from `key` with
-  an energy head); `decode_chunk(z_BZ, n)` (VAE latent → token ids [B, K]) gives the
-  chunk's tokens; the trunk reads them (or the latent) at the next step.
+  an energy head); `decode(z_BTZ, n_T)` (VAE latents of the chunks n_T → token ids
+  [B, T, K]) gives the chunk's tokens; the trunk reads them (or the latent) at the
+  next step. A trunk that reads latents needs no tokens inside the loop: all chunks
+  are decoded in one call after it (`decode` must give chunk n the same tokens
+  either way, e.g. its draws keyed by n).
 
   Held chunks (`known_mask_BN`, latents `known_BNZ` in the flow's units) take their
   latent as given; held tokens (`known_token_mask_BL`, ids `known_tokens_BL`, e.g. a
@@ -250,7 +261,7 @@ def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Ar
   """
   B, N, Z = x0_BNZ.shape
   K = model.cfg.chunk_size
-  steps = jnp.asarray(steps, jnp.int32)
+  decode_after = model.cfg.head.input != 'tokens'
   held_BN = (jnp.zeros((B, N), bool) if known_mask_BN is None
              else jnp.asarray(known_mask_BN, bool))
   known_BNZ = jnp.zeros_like(x0_BNZ) if known_BNZ is None else known_BNZ
@@ -277,13 +288,20 @@ def head_sample(model, decode_chunk: Callable[[Array, Array], Array], x0_BNZ: Ar
     x_BZ = jax.lax.cond(jnp.all(held_B), lambda n, h: jnp.zeros((B, Z)), draw,
                         n, h_B1D[:, 0].astype(jnp.float32))
     x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
-    chunk_BK = jnp.where(at(held_BNK, n), at(known_BNK, n),
-                         decode_chunk(model.to_latent(x_BZ), n).astype(jnp.int32))
+    chunk_BK = tokens_BNK[:, 0]  # unread by a trunk that reads latents
+    if not decode_after:
+      chunk_BK = jnp.where(at(held_BNK, n), at(known_BNK, n),
+                           decode(model.to_latent(x_BZ)[:, None], n[None])[:, 0]
+                           .astype(jnp.int32))
+      tokens_BNK = jax.lax.dynamic_update_index_in_dim(tokens_BNK, chunk_BK, n, 1)
     input_B1D = model.chunk_input(chunk_BK[:, None], x_BZ[:, None])
     return (input_B1D, caches, jax.lax.dynamic_update_index_in_dim(x_BNZ, x_BZ, n, 1),
-            jax.lax.dynamic_update_index_in_dim(tokens_BNK, chunk_BK, n, 1))
+            tokens_BNK)
 
   init = (model.start_input(B), model.init_cache(B, N), jnp.zeros_like(x0_BNZ),
           jnp.zeros((B, N, K), jnp.int32))
   _, _, x_BNZ, tokens_BNK = jax.lax.fori_loop(0, N, one_chunk, init)
+  if decode_after:
+    tokens_BNK = jnp.where(held_BNK, known_BNK, decode(
+        model.to_latent(x_BNZ), jnp.arange(N)).astype(jnp.int32))
   return x_BNZ, tokens_BNK.reshape(B, N * K)

@@ -111,7 +111,8 @@ class FlowStage(Stage):
     shape = (tokens_BL.shape[0], c.max_length // c.chunk_size, c.vae.latent_dim)
     noise = flow.sample_noise(key, shape, c.flow.noise_std * c.sample.noise_scale)
     if self.head:
-      decode = lambda z_BZ, n: jnp.argmax(frozen['vae'].decode(z_BZ[:, None]), -1)
+      decode = lambda z_BTZ, n_T: jnp.argmax(frozen['vae'].decode(z_BTZ), -1).reshape(
+          z_BTZ.shape[0], z_BTZ.shape[1], c.chunk_size)
       return samplers.head_sample(model, decode, noise, c.sample.steps, key,
                                   shift=self.flow.sample_shift)[1]
     x = samplers.generate(model, noise, c.sample.steps, self.flow)

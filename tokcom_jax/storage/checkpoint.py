@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+import shutil
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from tokcom_jax.errors import CheckpointError
 from tokcom_jax.models import stacks
-from tokcom_jax.storage import files
+from tokcom_jax.storage import files, fingerprints, orbax_reports
 
 
 BEST_METRIC = 'eval/loss'
@@ -51,6 +50,8 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
                keep_checkpoints_without_metrics=False),
   ])
   # Readers never save; orbax's own read_only mode would warn on every open.
+  if not read_only:  # a failed save is reported once, by `save` (`_failed`)
+    orbax_reports.quiet_failed_saves()
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=True, create=not read_only)
@@ -58,47 +59,49 @@ def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointMa
                                item_names=('state', 'meta'))
 
 
-@jax.jit
-def fingerprint(tree) -> jax.Array:
-  """A uint32 checksum of a tree's bits. Each element's bits are weighted by an odd
-  number that depends on its position, so any single flipped bit changes it."""
-  total = jnp.zeros((), jnp.uint32)
-  for i, x in enumerate(jax.tree.leaves(tree)):
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 4:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    elif x.dtype.itemsize == 2:
-      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-    else:
-      bits = x.astype(jnp.uint32)
-    position = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else 0
-    for d in range(1, x.ndim):  # row-major element index
-      position = position * jnp.uint32(x.shape[d]) + jax.lax.broadcasted_iota(
-          jnp.uint32, x.shape, d)
-    total += jnp.uint32(2 * i + 1) * jnp.sum(bits * (2 * position + 1),
-                                             dtype=jnp.uint32)
-  return total
-
-
-def fingerprints(state) -> dict[str, int]:
-  return {k: int(v) for k, v in jax.device_get(
-      {k: fingerprint(v) for k, v in state.items()}).items()}
-
-
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
          metrics: dict[str, float] | None = None, force: bool = False) -> None:
-  meta = {**meta, 'fingerprints': fingerprints(state)}
-  mngr.save(step, args=ocp.args.Composite(
+  """Starts saving `step` (written in the background). A save that failed (a full
+  disk, or any other error out of orbax: it surfaces here at the next save, or in
+  `finish`) raises one CheckpointError naming it (`_failed`)."""
+  finish(mngr)
+  meta = {**meta, 'fingerprints': fingerprints.of(state)}
+  _failed(mngr, step, lambda: mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      metrics=metrics, force=force)
+      metrics=metrics, force=force))
+  _SAVING[id(mngr)] = step
 
 
-def _check(state, meta: dict, step: int) -> None:
-  expected = meta.get('fingerprints', {})
-  for name, value in fingerprints(state).items():
-    if name in expected and expected[name] != value:
-      raise CheckpointError(f'the {name} read back from step {step} do not match'
-                            ' the fingerprint written with them')
+_SAVING: dict[int, int] = {}  # the step each manager is saving in the background
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; raises as `save` does if it failed."""
+  _failed(mngr, _SAVING.pop(id(mngr), None), mngr.wait_until_finished)
+
+
+def _failed(mngr: ocp.CheckpointManager, step: int | None, call) -> None:
+  """call(); an error out of it (orbax raises ValueError, OSError, …) becomes one
+  line with the step, the directory, its free space and what to do, once the
+  partial temporary checkpoint is removed; every finished checkpoint stays."""
+  try:
+    call()
+  except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many kinds
+    directory = epath.Path(mngr.directory)
+    if jax.process_index() == 0:
+      for partial in directory.glob('*.orbax-checkpoint-tmp*'):
+        shutil.rmtree(partial, ignore_errors=True)
+    finished = max((int(p.name) for p in directory.iterdir() if p.name.isdigit()),
+                   default=0)
+    free = ''
+    if not files.is_remote(directory):
+      free = f' ({shutil.disk_usage(directory).free / 2**20:.1f} MiB free there)'
+    reason = ('the disk is full' if 'No space left' in str(e) or
+              getattr(e, 'errno', None) == 28 else _short(e))
+    raise CheckpointError(
+        f'saving checkpoint step {step} to {directory} failed: {reason}{free}. Free'
+        ' some space (or use another --workdir), then run the same command: it'
+        f' resumes from step {finished}.') from e
 
 
 def _quarantine(mngr: ocp.CheckpointManager, step: int) -> None:
@@ -147,51 +150,6 @@ def _check_shapes(mngr: ocp.CheckpointManager, step: int, target, prefix=(),
                             f' builds {tuple(x.shape)}')
 
 
-_READ_DIRS: set[str] = set()  # checkpoint directories restores have read
-
-
-def _quiet_orbax_leftovers(directory) -> None:
-  """Drops what the abandoned reads of a failed restore report later (see
-  _check_shapes): "Event loop is closed" and "... exception was never retrieved"
-  from orbax's coroutines or about files in `directory`. Anything else is reported
-  as before."""
-  _READ_DIRS.add(str(directory))
-  previous = sys.unraisablehook
-  if getattr(previous, 'tokcom_quiet', False):
-    return
-
-  def from_orbax(report) -> bool:
-    code = getattr(report.object, 'cr_code', None)
-    return 'Event loop is closed' in str(report.exc_value) or (
-        code is not None and 'orbax' in code.co_filename)
-
-  hook = lambda report: None if from_orbax(report) else previous(report)
-  hook.tokcom_quiet = True
-  sys.unraisablehook = hook
-  logging.getLogger('asyncio').addFilter(lambda record: not _from_orbax(record))
-
-
-def _from_orbax(record: logging.LogRecord) -> bool:
-  """An asyncio report ("Task exception was never retrieved", "_GatheringFuture
-  exception was never retrieved", ...) of an error raised in orbax's reads: its text
-  names orbax or a checkpoint directory being read (tensorstore's errors name the
-  file; set on a future from C++, they have no Python traceback), or its traceback
-  passes through orbax."""
-  message = record.getMessage()  # any asyncio report ("Exception in callback", …)
-  if 'orbax' in message or any(d in message for d in _READ_DIRS):
-    return True
-  error, seen = (record.exc_info[1] if record.exc_info else None), set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    frame = error.__traceback__
-    while frame is not None:
-      if 'orbax' in frame.tb_frame.f_code.co_filename:
-        return True
-      frame = frame.tb_next
-    error = error.__cause__ or error.__context__
-  return False
-
-
 def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
                        move_damaged: bool = True):
   """(step, restore_fn(step)) of the first of `steps` (default: newest first) that
@@ -202,8 +160,8 @@ def restore_first_good(mngr: ocp.CheckpointManager, restore_fn, steps=None,
   say), raises and moves nothing. Returns (None, None) when there are no steps.
   """
   steps = sorted(mngr.all_steps(), reverse=True) if steps is None else steps
-  _quiet_orbax_leftovers(mngr.directory)  # before the first read: reports come from
-  # other threads
+  # Before the first read: the reports come from other threads.
+  orbax_reports.quiet_leftovers(mngr.directory)
   damaged = []
   for step in steps:
     try:
@@ -245,7 +203,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target_state) -> tuple[Any, 
   _check_shapes(mngr, step, abstract)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  _check(restored['state'], restored['meta'], step)
+  fingerprints.check(restored['state'], restored['meta'], step)
   return restored['state'], restored['meta']
 
 
@@ -264,16 +222,47 @@ def _open(workdir) -> ocp.CheckpointManager:
   return mngr
 
 
-def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
-  """(step, meta) of a run's best (or given) checkpoint, without its arrays."""
-  mngr = _open(workdir)
+def _reading(workdir, read):
+  """read(manager) over a run's committed checkpoints. A run that trains meanwhile
+  saves new steps and deletes old ones under the reader: when a read fails and the
+  checkpoints changed while it ran, it starts again on the new ones."""
+  for attempt in range(READ_ATTEMPTS):
+    before = _listing(workdir)
+    try:
+      mngr = _open(workdir)
+      try:
+        return read(mngr)
+      finally:
+        mngr.close()
+    except Exception:  # orbax / tensorstore / the file system: many kinds
+      if attempt + 1 == READ_ATTEMPTS or _listing(workdir) == before:
+        raise
+      logging.info('%s: checkpoints changed while read (it trains); reading again',
+                   workdir)
+
+
+READ_ATTEMPTS = 10
+
+
+def _listing(workdir) -> frozenset[str]:
   try:
-    step = best_step(mngr) if step is None else step
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-  finally:
-    mngr.close()
+    return frozenset(p.name for p in checkpoint_dir(workdir).iterdir())
+  except OSError:
+    return frozenset()
+
+
+def read_meta(workdir, step: int | None = None) -> tuple[int, dict]:
+  """(step, meta) of a run's best (or given) checkpoint, without its arrays; an
+  unreadable best one falls back to the newest readable."""
+  def read(mngr):
+    return restore_first_good(
+        mngr, lambda s: mngr.restore(s, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta'],
+        [step] if step is not None else _steps_best_first(mngr), move_damaged=False)
+
+  step, meta = _reading(workdir, read)
   logging.info('%s: checkpoint step %d', workdir, step)
-  return step, meta['meta']
+  return step, meta
 
 
 def restore_params(workdir, abstract_params, step: int | None = None
@@ -281,26 +270,25 @@ def restore_params(workdir, abstract_params, step: int | None = None
   """Only the parameters of a run's best (or given) checkpoint, onto the shardings
   of `abstract_params` (ShapeDtypeStructs); the optimizer state is never read.
   A damaged best checkpoint falls back to the newest readable one."""
-  mngr = _open(workdir)
+  def read(mngr):
+    def read_step(step):
+      # A run saved with the other `scan_layers` restores in its layout, then
+      # converts.
+      saved_tree = _saved_tree(mngr, step)
+      saved, convert = stacks.as_saved(abstract_params, saved_tree['params'])
+      item = {'params': saved}
+      _check_shapes(mngr, step, saved, ('params',), saved_tree)
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore(),
+          state=ocp.args.PyTreeRestore(
+              item=item, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(item))))
+      meta = restored['meta']
+      fingerprints.check(restored['state'], meta, step)
+      return convert(restored['state']['params']), meta
 
-  def read(step):
-    # A run saved with the other `scan_layers` restores in its layout, then converts.
-    saved_tree = _saved_tree(mngr, step)
-    saved, convert = stacks.as_saved(abstract_params, saved_tree['params'])
-    item = {'params': saved}
-    _check_shapes(mngr, step, saved, ('params',), saved_tree)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore(),
-        state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-            partial_restore=True)))
-    meta = restored['meta']
-    _check(restored['state'], meta, step)
-    return convert(restored['state']['params']), meta
-
-  try:
     steps = [step] if step is not None else _steps_best_first(mngr)
-    step, (params, meta) = restore_first_good(mngr, read, steps, move_damaged=False)
-  finally:
-    mngr.close()
+    return restore_first_good(mngr, read_step, steps, move_damaged=False)
+
+  step, (params, meta) = _reading(workdir, read)
   return params, meta, step

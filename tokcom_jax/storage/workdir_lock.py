@@ -97,10 +97,16 @@ class WorkdirLock:
       fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
       return False
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      with os.fdopen(fd, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:  # a full disk: no empty lock may stay behind
+      self.path.unlink(missing_ok=True)
+      raise CheckpointError(f'{self.workdir}: cannot write its lock {self.path}'
+                            f' ({e.strerror or e}): free some space and run again.'
+                            ) from e
     return True
 
   def _take_over(self, stale: dict) -> None:

@@ -170,8 +170,7 @@ class Trainer:
     # The loop's state, set when run() starts: the metrics log, metrics not yet read
     # back from the device, the epoch's losses, the last logged metrics.
     self.log: MetricsLog | None = None
-    self.pending: list[tuple[int, dict]] = []
-    self.epoch_losses: list = []
+    self.pending, self.epoch_losses = [], []  # [(step, metrics)], [loss]
     self.last: dict[str, float] = {}
     self.t_log = 0.0
 
@@ -186,7 +185,8 @@ class Trainer:
     val_batches = ((self._batch(self.val_windows,
                                 batches.eval_indices(b, n, self.batch_size)),
                     jax.random.fold_in(jax.random.key(seed), b))
-                   for b in range(self.config.train.eval_batches))
+                   for b in range(batches.eval_batch_count(
+                       self.config.train.eval_batches, n, self.batch_size)))
     ev = steps.evaluate_batches(self.eval_step, self.state['params'], self.frozen,
                                 val_batches)
     return {f'eval/{k}': v for k, v in ev.items()}
@@ -220,7 +220,7 @@ class Trainer:
     preemption = Preemption().install()
     try:
       self._loop(start, preemption, stop_after)
-      self.ckpt.wait_until_finished()
+      checkpoint.finish(self.ckpt)
       stopped = preemption.should_stop()  # a signal after the last step stops `:all`
     finally:
       preemption.uninstall()
