@@ -91,6 +91,10 @@ VARIANTS = {
     'headl_shortcut16': (HEAD_VAE, HEADL + ',head.shortcut_from=16'),
     'headl_shortcut8': (HEAD_VAE, HEADL + ',head.shortcut_from=8'),
     'headl_shortcut4': (HEAD_VAE, HEADL + ',head.shortcut_from=4'),
+    # Fewer, wider blocks: at batch 1 a head step costs its kernels, not its FLOPs.
+    'headl_blocks1_width512': (HEAD_VAE, HEADL + ',head.blocks=1,head.width=512'),
+    'headl_blocks2': (HEAD_VAE, HEADL + ',head.blocks=2'),
+    'headl_blocks1': (HEAD_VAE, HEADL + ',head.blocks=1'),
 }
 
 

@@ -45,7 +45,7 @@ def get_config(arg: str | None = None):
   # The best generation recipe measured on this config (benchmarks/RESULTS.md, "The
   # chunk generator"): a trunk over chunks run once per chunk, reading the latent of
   # the chunk before, and a small flow head (x1 prediction, 3 blocks of 256; the
-  # `head` section's other defaults) drawing each latent in 16 Euler steps from 0.35
+  # `head` section's other defaults) drawing each latent in 8 Euler steps from 0.35
   # of the noise, on standardized latents with noise at their own scale, MSE flow
   # matching; the VAE's prior is the same generator (reading tokens). The DiT recipe
   # before it: `order=chunkwise,self_condition=True,noise_scale=0.5,steps=50`;
@@ -60,6 +60,6 @@ def get_config(arg: str | None = None):
   config.train.diffusion.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.train.ar.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.sample.update(dict(num_samples=2, sample_every=1,  # at each stage's end
-                            noise_scale=0.35, steps=16))
+                            noise_scale=0.35, steps=8))
   config.wandb.update(dict(project='TokCom-tiny', mode='disabled'))
   return config_lib.finalize(config, arg, stages=config_lib.STAGES + ('all',))

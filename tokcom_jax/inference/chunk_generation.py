@@ -34,19 +34,34 @@ def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_i
   known = np.zeros((N, Z), np.float32)
   known[:len(prompt_z)] = prompt_z
   latents, tokens = [], []
+  seed_key = jax.random.key(seed)
   for first in batch_starts(num_samples, batch_size):
-    B = min(batch_size, num_samples - first)
-    key = jax.random.fold_in(jax.random.key(seed), first)
-    x0 = flow.sample_noise(key, (B, N, Z), model.config.flow.noise_std * noise_scale)
-    z, out = _sample(
+    z, out = _draw(
         model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
-        model.dit_params, model.vae_params, x0, int(steps), jax.random.fold_in(key, 1),
-        jnp.broadcast_to(known_mask, (B, N)), jnp.broadcast_to(known, (B, N, Z)),
-        jnp.broadcast_to(prompt, (B, N * K)), jnp.broadcast_to(prompt_mask, (B, N * K)),
-        len(prompt_ids) % K > 0, *choosing, len(prompt_ids) > 0)
+        model.dit_params, model.vae_params, seed_key, np.int32(first),
+        np.float32(model.config.flow.noise_std * noise_scale), known_mask, known,
+        prompt, prompt_mask, B=min(batch_size, num_samples - first), steps=int(steps),
+        guide=len(prompt_ids) % K > 0, choosing=tuple(choosing),
+        prompted=len(prompt_ids) > 0)
     latents.append(np.asarray(z))
     tokens.append(np.asarray(out))
   return np.concatenate(latents), np.concatenate(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2),
+                   static_argnames=('B', 'steps', 'guide', 'choosing', 'prompted'))
+def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seed_key, first,
+          noise_std, known_mask_N, known_NZ, prompt_L, prompt_mask_L, *, B, steps,
+          guide, choosing, prompted):
+  """One batch of B samples, the first `first`: its noise and keys drawn here, in
+  the same program as the sampler (at batch 1 each call outside it costs)."""
+  key = jax.random.fold_in(seed_key, first)
+  N, Z = known_NZ.shape
+  x0 = flow.sample_noise(key, (B, N, Z), noise_std)
+  batch = lambda a: jnp.broadcast_to(a, (B,) + a.shape)
+  return _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0, steps,
+                 jax.random.fold_in(key, 1), batch(known_mask_N), batch(known_NZ),
+                 batch(prompt_L), batch(prompt_mask_L), guide, *choosing, prompted)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 12, 13, 14, 15, 16))

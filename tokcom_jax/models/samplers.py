@@ -284,10 +284,13 @@ def head_sample(model, decode: Callable[[Array, Array], Array], x0_BNZ: Array,
   def one_chunk(n, carry):
     input_B1D, caches, x_BNZ, tokens_BNK = carry
     h_B1D, caches = model.step(input_B1D, caches, n)
-    held_B = at(held_BN, n)
-    x_BZ = jax.lax.cond(jnp.all(held_B), lambda n, h: jnp.zeros((B, Z)), draw,
-                        n, h_B1D[:, 0].astype(jnp.float32))
-    x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
+    h_BD = h_B1D[:, 0].astype(jnp.float32)
+    if known_mask_BN is None:  # nothing held: no branch (it would split the fusions)
+      x_BZ = draw(n, h_BD)
+    else:
+      held_B = at(held_BN, n)
+      x_BZ = jax.lax.cond(jnp.all(held_B), lambda n, h: jnp.zeros((B, Z)), draw, n, h_BD)
+      x_BZ = jnp.where(held_B[:, None], at(known_BNZ, n), x_BZ)
     chunk_BK = tokens_BNK[:, 0]  # unread by a trunk that reads latents
     if not decode_after:
       chunk_BK = jnp.where(at(held_BNK, n), at(known_BNK, n),
