@@ -97,11 +97,15 @@ def read_latents():
   import numpy as np
   from tokcom_jax.errors import SamplingError
   try:
+    with open(_INPUT_FILE.value, 'rb') as f:
+      header = f.read(6)
     z = np.load(_INPUT_FILE.value, allow_pickle=False)
   except ValueError as e:  # not an .npy array (pickled objects are never loaded)
-    raise SamplingError(f'--input_file={_INPUT_FILE.value}: cannot read latents ({e});'
-                        ' write them with --mode encode --output_file=LATENTS.npy.'
-                        ) from e
+    reason = (str(e) if header == b'\x93NUMPY' else  # np.load's own guess misleads
+              'not a .npy file: it does not start with the NumPy header')
+    raise SamplingError(f'--input_file={_INPUT_FILE.value}: cannot read latents'
+                        f' ({reason}); write them with --mode encode'
+                        ' --output_file=LATENTS.npy.') from e
   cli.check_latents(z, _INPUT_FILE.value)
   return z
 

@@ -115,11 +115,14 @@ CONFIG_CASES = {  # get_config argument → the whole message
     'vae,seed=4294967296': ('seed=4294967296: must be an integer in [0, 2**32 - 1]'
                             ' (set --config.seed=N)'),
     'vae,tokenizer=bpe:0':
-        "tokenizer='bpe:0': must be bpe:<vocab size> or a tokenizer name or path"
-        ' (set --config.tokenizer=bpe:8192)',
+        "tokenizer='bpe:0': must be bpe:<vocab size of at least 260> or a tokenizer"
+        ' name or path (set --config.tokenizer=bpe:8192)',
+    'vae,tokenizer=bpe:1':  # 256 bytes and the special tokens: not one merge
+        "tokenizer='bpe:1': must be bpe:<vocab size of at least 260> or a tokenizer"
+        ' name or path (set --config.tokenizer=bpe:8192)',
     'vae,tokenizer=bpe:lots':
-        "tokenizer='bpe:lots': must be bpe:<vocab size> or a tokenizer name or path"
-        ' (set --config.tokenizer=bpe:8192)',
+        "tokenizer='bpe:lots': must be bpe:<vocab size of at least 260> or a tokenizer"
+        ' name or path (set --config.tokenizer=bpe:8192)',
     'vae,source=ftp://host/corpus':
         "data.source='ftp://host/corpus': must be 'stdlib', 'files:<glob>',"
         " 'hf:<path>[:<name>]' or 'tfds:<name>' (set --config.data.source=stdlib)",
@@ -618,3 +621,35 @@ def test_sampling_of_several_batches_shows_progress_once_it_takes_seconds():
   assert not bar.disable and bar.delay == 2
   assert list(bar) == [0, 4, 8]
   assert batch_starts(4, 4).disable  # one batch: nothing to count
+
+
+@pytest.mark.parametrize('make, fragment', [
+    (lambda root: str(root / 'no_such_tokenizer'),
+     "tokenizer '{path}': no such directory; pass a directory holding tokenizer.json"),
+    (lambda root: (root / 'tok').mkdir() or (root / 'tok' / 'tokenizer.json').write_text(
+        'not json') and str(root / 'tok'),
+     "tokenizer '{path}': {path}/tokenizer.json is not a tokenizer file"
+     ' (JSONDecodeError'),
+])
+def test_a_local_tokenizer_that_is_missing_or_not_json_is_named_not_the_hub(
+    tmp_path, make, fragment):
+  from tokcom_jax.data import tokenizer
+  from tokcom_jax.errors import DataError
+  path = make(tmp_path)
+  with pytest.raises(DataError) as error:
+    tokenizer.load_tokenizer(path)
+  message = one_line(error, fragment.format(path=path))
+  assert 'cannot be reached' not in message
+
+
+def test_a_text_file_named_npy_is_not_called_pickled(tmp_path):
+  bad = tmp_path / 'latents.npy'
+  bad.write_text('hello\n')
+  out = subprocess.run(
+      [sys.executable, 'sample.py', '--workdir', str(tmp_path), '--mode', 'decode',
+       f'--input_file={bad}'], capture_output=True, text=True, cwd=REPO)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      f'error: --input_file={bad}: cannot read latents (not a .npy file: it does not'
+      ' start with the NumPy header); write them with --mode encode'
+      ' --output_file=LATENTS.npy.')

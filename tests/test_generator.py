@@ -235,6 +235,17 @@ def test_a_prompt_ending_inside_a_chunk_is_kept_verbatim_and_continued(head_run)
 
 
 @pytest.mark.slow
+def test_a_long_sample_counts_its_chunks_and_draws_the_same(head_run, monkeypatch):
+  from tokcom_jax.inference import chunk_generation
+  quick = head_run.sample(3, steps=3, seed=4, batch_size=2)
+  monkeypatch.setattr(chunk_generation, 'LONG_SAMPLE', 1)  # every sample is long
+  counted = head_run.sample(3, steps=3, seed=4, batch_size=2)
+  assert chunk_generation._BAR[0].n == 2 * head_run.max_chunks  # 2 batches' chunks
+  np.testing.assert_array_equal(counted[1], quick[1])
+  np.testing.assert_allclose(counted[0], quick[0], atol=1e-6)
+
+
+@pytest.mark.slow
 def test_evaluation_measures_context_use_and_brier_beside_the_ar_stage(head_run, ar_run):
   from tokcom_jax.evaluation import brier, model_metrics
   from tokcom_jax.inference.loading import load

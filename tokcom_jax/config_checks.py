@@ -68,9 +68,13 @@ BOOL = rule(lambda v: isinstance(v, bool), 'true or false', 'true')
 NAME = rule(lambda v: isinstance(v, str) and v.strip() != '', 'a non-empty string',
             'NAME')
 ANY = Rule(lambda v: None)  # free text, or a value absl or the code after checks
+# A byte-level BPE starts from 256 byte tokens and its special tokens: fewer than
+# this learns no merge at all (no token longer than a byte).
+MIN_BPE = 260
 TOKENIZER = rule(
-    lambda v: (v[4:].isdigit() and int(v[4:]) > 0) if v.startswith('bpe:')
-    else v.strip() != '', 'bpe:<vocab size> or a tokenizer name or path', 'bpe:8192')
+    lambda v: (v[4:].isdigit() and int(v[4:]) >= MIN_BPE) if v.startswith('bpe:')
+    else v.strip() != '', f'bpe:<vocab size of at least {MIN_BPE}> or a tokenizer name'
+    ' or path', 'bpe:8192')
 SOURCE = rule(
     lambda v: v == 'stdlib' or (v.partition(':')[0] in ('files', 'hf', 'tfds')
                                 and v.partition(':')[2] != ''),

@@ -7,6 +7,7 @@ run, stage 2 and the sampler all read the one it was trained with.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -42,6 +43,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
 
 
+def _check_local(spec: str) -> None:
+  """A tokenizer named by a path (not a hub name): it must exist, and its
+  tokenizer.json must be JSON; said as such, not as a hub failure."""
+  path = os.path.expanduser(spec)
+  if not (spec.startswith(('/', '.', '~')) or os.path.exists(path)):
+    return  # a hub name such as Qwen/Qwen2-0.5B
+  if not os.path.isdir(path):
+    raise DataError(f'tokenizer {spec!r}: no such directory; pass a directory holding'
+                    ' tokenizer.json (a saved tokenizer), a hub name, or bpe:N.')
+  file = os.path.join(path, 'tokenizer.json')
+  if os.path.exists(file):
+    try:
+      with open(file, 'rb') as f:
+        json.load(f)
+    except (OSError, ValueError) as e:
+      raise DataError(f'tokenizer {spec!r}: {file} is not a tokenizer file'
+                      f' ({type(e).__name__}: {str(e)[:80]}); save one with'
+                      ' tokenizer.save_pretrained(DIR).') from None
+
+
 def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
                    train_texts: Callable[[], Iterable[str]] | None = None,
                    trained_dir: str | os.PathLike | None = None):
@@ -71,6 +92,7 @@ def load_tokenizer(spec: str, save_dir: str | os.PathLike | None = None,
         _save_tokenizer(tokenizer, trained_dir)
   else:
     from transformers import AutoTokenizer
+    _check_local(spec)
     try:
       local = os.path.isdir(spec) or not hub_reachable()
       tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=local)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from tokcom_jax.inference.autoregressive import batch_starts
 from tokcom_jax.models import flow, samplers
@@ -35,24 +36,40 @@ def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_i
   known[:len(prompt_z)] = prompt_z
   latents, tokens = [], []
   seed_key = jax.random.key(seed)
-  for first in batch_starts(num_samples, batch_size):
+  # A long sample (many steps) counts its chunks as they are drawn.
+  progress = steps * N >= LONG_SAMPLE
+  _BAR[0] = tqdm(total=N * -(-num_samples // batch_size), desc='sampling', unit='chunk',
+                 delay=2, leave=False, disable=not progress)
+  for first in range(0, num_samples, batch_size) if progress else batch_starts(
+      num_samples, batch_size):
     z, out = _draw(
         model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
         model.dit_params, model.vae_params, seed_key, np.int32(first),
         np.float32(model.config.flow.noise_std * noise_scale), known_mask, known,
         prompt, prompt_mask, B=min(batch_size, num_samples - first), steps=int(steps),
         guide=len(prompt_ids) % K > 0, choosing=tuple(choosing),
-        prompted=len(prompt_ids) > 0)
+        prompted=len(prompt_ids) > 0, progress=progress)
     latents.append(np.asarray(z))
     tokens.append(np.asarray(out))
+  _BAR[0].close()
   return np.concatenate(latents), np.concatenate(tokens)
 
 
+LONG_SAMPLE = 4096  # head steps per sample (steps × chunks) from which chunks are counted
+_BAR = [None]  # the progress bar the compiled sampler's callback advances
+
+
+def _chunk_drawn(n) -> None:
+  if _BAR[0] is not None:
+    _BAR[0].update(1)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2),
-                   static_argnames=('B', 'steps', 'guide', 'choosing', 'prompted'))
+                   static_argnames=('B', 'steps', 'guide', 'choosing', 'prompted',
+                                    'progress'))
 def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seed_key, first,
           noise_std, known_mask_N, known_NZ, prompt_L, prompt_mask_L, *, B, steps,
-          guide, choosing, prompted):
+          guide, choosing, prompted, progress):
   """One batch of B samples, the first `first`: its noise and keys drawn here, in
   the same program as the sampler (at batch 1 each call outside it costs)."""
   key = jax.random.fold_in(seed_key, first)
@@ -61,13 +78,14 @@ def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seed_key, f
   batch = lambda a: jnp.broadcast_to(a, (B,) + a.shape)
   return _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0, steps,
                  jax.random.fold_in(key, 1), batch(known_mask_N), batch(known_NZ),
-                 batch(prompt_L), batch(prompt_mask_L), guide, *choosing, prompted)
+                 batch(prompt_L), batch(prompt_mask_L), guide, *choosing, prompted,
+                 progress)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 12, 13, 14, 15, 16))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 12, 13, 14, 15, 16, 17))
 def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, steps,
             key, known_mask_BN, known_BNZ, prompt_BL, prompt_mask_BL, guide,
-            temperature, top_k, top_p, prompted):
+            temperature, top_k, top_p, prompted, progress=False):
   """Latents (VAE units) and tokens; with `guide`, the chunk the prompt ends inside
   is drawn under guidance toward its known tokens (`samplers.prefix_guidance`)."""
   model = nnx.merge(dit_graphdef, dit_params)
@@ -108,7 +126,8 @@ def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, s
       known_tokens_BL=prompt_BL, known_token_mask_BL=prompt_mask_BL)
   x_BNZ, tokens_BL = samplers.head_sample(  # without a prompt, no held-chunk code
       model, decode, x0_BNZ, steps, key, shift=shift, refine=refine,
-      refine_chunks_N=refine_chunks_N, **held)
+      refine_chunks_N=refine_chunks_N, on_chunk=_chunk_drawn if progress else None,
+      **held)
   # Held chunks exactly as given (the round trip through the flow's units rounds).
   return (jnp.where(known_mask_BN[..., None], known_BNZ, model.to_latent(x_BNZ)),
           tokens_BL)

@@ -241,7 +241,8 @@ def head_sample(model, decode: Callable[[Array, Array], Array], x0_BNZ: Array,
                 known_tokens_BL: Array | None = None,
                 known_token_mask_BL: Array | None = None,
                 refine: Callable[[Array, Array], Array] | None = None,
-                refine_chunks_N: Array | None = None) -> tuple[Array, Array]:
+                refine_chunks_N: Array | None = None,
+                on_chunk: Callable[[Array], None] | None = None) -> tuple[Array, Array]:
   """A chunk generator's sequence (`generator.ChunkGenerator`), one chunk after
   another, all in one loop: a trunk step over the KV cache of the chunks before
   gives the state h_n; the head turns it into chunk n's latent (`steps` Euler steps
@@ -256,8 +257,9 @@ def head_sample(model, decode: Callable[[Array, Array], Array], x0_BNZ: Array,
   latent as given; held tokens (`known_token_mask_BL`, ids `known_tokens_BL`, e.g. a
   prompt ending inside a chunk) replace the decoded ones, so the next chunk reads
   them. `refine(x1_BZ, n)` maps each prediction of x1 while the chunks of
-  `refine_chunks_N` are drawn. Returns (latents [B, N, Z] in the flow's units,
-  token ids [B, N·K]).
+  `refine_chunks_N` are drawn. `on_chunk(n)` is called on the host after each
+  chunk (a progress bar). Returns (latents [B, N, Z] in the flow's units, token ids
+  [B, N·K]).
   """
   B, N, Z = x0_BNZ.shape
   K = model.cfg.chunk_size
@@ -298,6 +300,8 @@ def head_sample(model, decode: Callable[[Array, Array], Array], x0_BNZ: Array,
                            .astype(jnp.int32))
       tokens_BNK = jax.lax.dynamic_update_index_in_dim(tokens_BNK, chunk_BK, n, 1)
     input_B1D = model.chunk_input(chunk_BK[:, None], x_BZ[:, None])
+    if on_chunk is not None:
+      jax.debug.callback(on_chunk, n, ordered=True)
     return (input_B1D, caches, jax.lax.dynamic_update_index_in_dim(x_BNZ, x_BZ, n, 1),
             tokens_BNK)
 
