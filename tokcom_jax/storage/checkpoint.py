@@ -75,6 +75,11 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
 _SAVING: dict[int, int] = {}  # the step each manager is saving in the background
 
 
+def check(mngr: ocp.CheckpointManager) -> None:
+  """Raises as `save` does if the save in flight has already failed (no waiting)."""
+  _failed(mngr, _SAVING.get(id(mngr)), mngr.check_for_errors)
+
+
 def finish(mngr: ocp.CheckpointManager) -> None:
   """Waits for the save in flight; raises as `save` does if it failed."""
   _failed(mngr, _SAVING.pop(id(mngr), None), mngr.wait_until_finished)

@@ -179,8 +179,7 @@ class Trainer:
                                  self.batch_size)
 
   def evaluate(self) -> dict[str, float]:
-    """The stage's eval metrics over `eval_batches` validation batches, with the same
-    noise every time so that evaluations are comparable."""
+    """Eval metrics over `eval_batches` validation batches, the same noise each time."""
     n, seed = self.val_windows.num_windows, self.config.seed + 1
     val_batches = ((self._batch(self.val_windows,
                                 batches.eval_indices(b, n, self.batch_size)),
@@ -271,6 +270,7 @@ class Trainer:
 
   def _flush(self, bar) -> None:
     """Reads and logs the metrics of the steps dispatched since the last log."""
+    checkpoint.check(self.ckpt)  # a background save that failed stops the run here
     if not self.pending:
       return
     mean = steps.read_metrics(self.pending, self.config.train.max_nan_steps,
