@@ -33,5 +33,5 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -c 'import tokcom_jax'
 	test -x $(VENV)/bin/pip || $(PYTHON) -m venv $(VENV)
-	pip install -r requirements.txt -c constraints.txt && pip install --no-deps -e .
+	pip install -r requirements.txt -c constraints.txt && pip install -c constraints.txt -e '.[serve]'
 	touch $@

@@ -76,7 +76,8 @@ LAYERS = ('errors', 'models', 'storage', 'data', 'config', 'stages', 'training',
           'inference', 'evaluation', 'entry points')
 TOP_LEVEL = {'errors': 'errors', 'config_checks': 'config', 'config_lib': 'config',
              'cli': 'entry points', 'evaluate': 'entry points',
-             'memory': 'entry points', 'resilience': 'entry points'}
+             'memory': 'entry points', 'resilience': 'entry points',
+             'serve': 'entry points'}
 
 
 def layer(module: str) -> str:

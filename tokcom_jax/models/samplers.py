@@ -204,6 +204,9 @@ def generate(model, x0_BNZ: Array, steps: int | Array, cfg: flow.FlowConfig, **k
   return euler_sample(model, x0_BNZ, steps, shift=cfg.sample_shift, **kwargs)
 
 
+MAX_UNROLLED_STEPS = 32  # beyond, compiling an unrolled grid costs more than it saves
+
+
 def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Array, *,
                  shift: float = 1.0, refine: Callable[[Array], Array] | None = None
                  ) -> Array:
@@ -214,7 +217,10 @@ def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Arra
   if model.cfg.head.kind == 'energy':
     return model.head(jax.random.uniform(key, x0_MZ.shape) - 0.5, h_MD)
   c_MW = model.head.condition(h_MD)
-  if isinstance(steps, int):  # a fixed grid: every step's modulations in one matmul
+  # A short fixed grid is unrolled, every step's modulations from one matmul; a long
+  # one (or a traced step count) is a loop.
+  unrolled = isinstance(steps, int) and steps <= MAX_UNROLLED_STEPS
+  if unrolled:
     mods_S = model.head.modulations(flow.grid_time(jnp.arange(steps), steps, shift),
                                     c_MW, model.head.step_size(steps))
 
@@ -222,13 +228,13 @@ def head_latents(model, h_MD: Array, x0_MZ: Array, steps: int | Array, key: Arra
     x_MZ, x1_prev_MZ = carry
     t, t_next = step_times(i, steps, shift)
     x1_MZ = model.head.x1(x_MZ, jnp.full((1,), t), c_MW, x1_prev_MZ, projected=True,
-                          mods_MX=mods_S[i] if isinstance(steps, int) else None)
+                          mods_MX=mods_S[i] if unrolled else None)
     if refine is not None:
       x1_MZ = refine(x1_MZ)
     return euler_step(x_MZ, x1_MZ, t, t_next), x1_MZ
 
   carry = (x0_MZ, jnp.zeros_like(x0_MZ))
-  if isinstance(steps, int):  # unrolled: one program, the grid's times constants
+  if unrolled:  # one program, the grid's times constants
     for i in range(steps):
       carry = step(i, carry)
     return carry[0]
