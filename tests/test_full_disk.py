@@ -3,6 +3,8 @@ partial checkpoint and no lock, and the same command resumes once there is room.
 orbax's failure is simulated (its exception type and a partial directory); a real
 full tmpfs gave the same line (benchmarks/RESULTS.md)."""
 
+import os
+
 import jax.numpy as jnp
 import pytest
 
