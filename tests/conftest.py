@@ -55,3 +55,39 @@ def ar_run(runs):
   """A trained micro `ar` run beside the sampling runs."""
   from tests import train_fixtures
   return train_fixtures.train_ar_run(runs)
+
+
+# ------------------------------------------- end-to-end processes beside the others
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'background(job=…): the test checks what `job` (tests/background.py)'
+      ' returns; the job starts with the session and the test runs last')
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Tests of background jobs last, so that their jobs run while the others do."""
+  items[:] = sorted(items, key=lambda item: item.get_closest_marker('background')
+                    is not None)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _background_jobs(request, tmp_path_factory):
+  from tests import background as background_lib
+  jobs = [m.kwargs['job'] for item in request.session.items
+          for m in item.iter_markers('background')]
+  if jobs:
+    background_lib.start(jobs, tmp_path_factory.mktemp,
+                         request.getfixturevalue('corpus'))
+  yield
+  background_lib.stop()
+
+
+@pytest.fixture
+def background(request, tmp_path_factory):
+  """background(job): what the background job returned (run now if not started)."""
+  from tests import background as background_lib
+  return lambda job: background_lib.result(
+      job, tmp_path_factory.mktemp, request.getfixturevalue('corpus'))

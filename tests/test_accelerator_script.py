@@ -3,26 +3,32 @@ train-step and sampling benchmarks and a short training run, then the Markdown."
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from configs import tiny
+from tests import background as background_lib
 from tokcom_jax import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def accelerator_quick(scratch, corpus):
+  """(the --quick run, its output directory, a run with an unknown argument)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ACCELERATOR_OUT=str(scratch),
+             # `python` is this interpreter, as after activating its environment
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+  run = lambda arg: background_lib.run(['bash', 'benchmarks/accelerator.sh', arg],
+                                       cwd=REPO, env=env)
+  return run('--quick'), scratch, run('--fast')
+
+
 @pytest.mark.slow
-def test_accelerator_script_runs_end_to_end_on_the_cpu(tmp_path):
-  out = subprocess.run(
-      ['bash', 'benchmarks/accelerator.sh', '--quick'], cwd=REPO, capture_output=True,
-      text=True, timeout=900,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', ACCELERATOR_OUT=str(tmp_path),
-               # `python` is this interpreter, as after activating its environment
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']))
+@pytest.mark.background(job=accelerator_quick)
+def test_accelerator_script_runs_end_to_end_on_the_cpu(background):
+  out, tmp_path, bad = background(accelerator_quick)
   assert out.returncode == 0, out.stderr[-3000:]
   train = [json.loads(l) for l in open(tmp_path / 'train.jsonl') if l.startswith('{')]
   steps = [r for r in train if r['bench'] == 'train_step']
@@ -51,6 +57,4 @@ def test_accelerator_script_runs_end_to_end_on_the_cpu(tmp_path):
   assert first > 0 and last > 0, smoke
   assert (tmp_path / 'smoke' / 'checkpoints').is_dir()
   # An unknown argument: one line, exit 2.
-  bad = subprocess.run(['bash', 'benchmarks/accelerator.sh', '--fast'], cwd=REPO,
-                       capture_output=True, text=True)
   assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

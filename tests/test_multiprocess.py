@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import background as background_lib
 from tests import train_fixtures
 from tokcom_jax.storage import checkpoint
 from tokcom_jax.training import train_state
@@ -35,46 +36,50 @@ def assert_same_losses(a, b):
                              rtol=1e-5)
 
 
-@pytest.fixture(scope='module')
-def four_device_run(corpus, tmp_path_factory):
-  """1 process, 4 CPU devices, a 2x2 (data x fsdp) mesh, through train.py."""
-  workdir = str(tmp_path_factory.mktemp('four') / 'vae')
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4', JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, TRAIN, f'--workdir={workdir}',
-                  *train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2})],
-                 check=True, env=env, cwd=REPO, capture_output=True)
-  return workdir
-
-
-def run_two_processes(workdir, flags, stop_after=None):
-  """train.py as 2 processes of 2 CPU devices each, on a localhost coordinator."""
+def multi_device_runs(scratch, corpus):
+  """(1 process of 4 CPU devices on a 2x2 (data x fsdp) mesh, then 2 processes of 2
+  devices each on the same mesh, on a localhost coordinator): each run's workdir and
+  what its processes gave, through train.py."""
+  flags = train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2})
+  four = str(scratch / 'four' / 'vae')
+  env = lambda devices: dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices),
+                             JAX_PLATFORMS='cpu')
+  four_out = background_lib.run([sys.executable, TRAIN, f'--workdir={four}', *flags],
+                                cwd=REPO, env=env(4))
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen(
-      [sys.executable, TRAIN, f'--workdir={workdir}', *flags,
-       f'--coordinator_address=localhost:{port}', '--num_processes=2',
-       f'--process_id={i}'], env=env, cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return outs
+  two = str(scratch / 'two')
+  two_outs = background_lib.run_together(
+      [[sys.executable, TRAIN, f'--workdir={two}', *flags,
+        f'--coordinator_address=localhost:{port}', '--num_processes=2',
+        f'--process_id={i}'] for i in range(2)], cwd=REPO, env=env(2), timeout=300)
+  return (four, four_out), (two, two_outs)
 
 
+@pytest.fixture
+def four_device_run(background):
+  (four, out), _ = background(multi_device_runs)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return four
+
+
+@pytest.mark.background(job=multi_device_runs)
 def test_four_devices_match_one(vae_run, four_device_run):
   assert_same_losses(losses(four_device_run), losses(vae_run))
 
 
+@pytest.mark.background(job=multi_device_runs)
 def test_two_processes_match_one_process_and_share_checkpoints(
-    corpus, vae_run, four_device_run, tmp_path):
+    corpus, vae_run, four_device_run, background):
   """2 processes of 2 devices (a 2x2 mesh) from scratch: the losses of one process on
   one device and of four devices, the parameters of four devices, and a checkpoint
   that 1 process on 1 device reads."""
   config = train_fixtures.micro_config(*corpus)
-  two = str(tmp_path / 'two')
-  outs = run_two_processes(two, train_fixtures.micro_flags(*corpus, **{'mesh.fsdp': 2}))
+  _, (two, procs) = background(multi_device_runs)
+  for p in procs:
+    assert p.returncode == 0, p.stderr[-3000:]
+  outs = [(p.stdout, p.stderr) for p in procs]
   assert_same_losses(losses(two), losses(four_device_run))
   assert_same_losses(losses(two), losses(vae_run))
   assert len(open(os.path.join(two, 'metrics.jsonl')).readlines()) == 8 + 2
@@ -90,16 +95,21 @@ def test_two_processes_match_one_process_and_share_checkpoints(
                trainer.state['params'], four)
 
 
-def test_fsdp_divides_state_bytes_per_device():
+def memory_report(scratch, corpus):
   """The memory report on 8 fake CPU devices: (8 data), (8 fsdp), (2 data x 4 fsdp)."""
-  out = subprocess.run(
+  return background_lib.run(
       [sys.executable, '-m', 'tokcom_jax.memory',
        f'--config={os.path.join(REPO, "configs", "tiny.py")}:diffusion',
        # The tiny widths, one layer per stack: the same shardings, a quarter of the
        # graph to compile.
        '--config.dit.num_layers=1', '--config.vae.encoder_layers=1',
-       '--config.vae.decoder_layers=1', '--mesh=8x1,1x8,2x4'], capture_output=True, text=True, cwd=REPO,
+       '--config.vae.decoder_layers=1', '--mesh=8x1,1x8,2x4'], cwd=REPO,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+@pytest.mark.background(job=memory_report)
+def test_fsdp_divides_state_bytes_per_device(background):
+  out = background(memory_report)
   assert out.returncode == 0, out.stderr[-2000:]
   rows = {r['mesh']: r for r in map(json.loads, out.stdout.splitlines())}
   state = {m: r['params_bytes'] + r['optimizer_bytes'] for m, r in rows.items()}
@@ -113,13 +123,18 @@ def test_fsdp_divides_state_bytes_per_device():
     assert r['temp_bytes'] > 0
 
 
-def test_sigkill_at_random_steps_then_resume_is_bit_identical(corpus, tmp_path):
+def sigkill_resume(scratch, corpus):
   flags = train_fixtures.micro_flags(*corpus, **{
       'train.vae.num_steps': 24, 'checkpoint_every': 3, 'eval_every': 6})
-  out = subprocess.run(
+  return background_lib.run(
       [sys.executable, '-m', 'tokcom_jax.resilience', '--kills=3',
-       f'--root={tmp_path}', '--', *flags], capture_output=True, text=True,
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+       f'--root={scratch}', '--', *flags], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+@pytest.mark.background(job=sigkill_resume)
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(background):
+  out = background(sigkill_resume)
   assert out.returncode == 0, out.stderr[-3000:]
   report = json.loads(out.stdout.strip().splitlines()[-1])
   landed = [k for k in report['kills'] if k['exit'] == -9]

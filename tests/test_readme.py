@@ -21,7 +21,6 @@ import os
 import pathlib
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +30,7 @@ import types
 import pytest
 
 from configs import tiny
+from tests import background as background_lib
 from tests import train_fixtures
 from tokcom_jax import config_lib
 
@@ -83,6 +83,10 @@ def micro(line: str, corpus: str, cache: str) -> str:
 
 @pytest.fixture
 def clone(tmp_path):
+  return make_clone(tmp_path)
+
+
+def make_clone(tmp_path):
   """(directory with the entry points and configs, environment): a user's clone,
   whose `python` is this one and whose home holds ~/code, a small corpus."""
   work, home, bin_dir = tmp_path / 'work', tmp_path / 'home', tmp_path / 'bin'
@@ -107,24 +111,23 @@ def run_block(block: str, work, env, **extra_env):
   script = '\n'.join(['set -euo pipefail'] + [
       micro(line, 'files:~/code/**/*.py', str(work.parent / 'cache'))
       for line in block.splitlines()])
-  proc = subprocess.Popen(['bash', '-c', script], cwd=work, env={**env, **extra_env},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-  try:
-    stdout, stderr = proc.communicate(timeout=300)
-  except subprocess.TimeoutExpired:  # bash and what it started
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise
-  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+  return background_lib.run(['bash', '-c', script], cwd=work, env={**env, **extra_env},
+                            timeout=300)
+
+
+def shell_blocks(scratch, corpus):
+  """(the clone, each tested block with what running it gave), in order."""
+  work, env = make_clone(scratch)
+  blocks = marked_blocks('<!-- tested -->', 'bash')
+  return work, [(block, run_block(block, work, env)) for block in blocks]
 
 
 @pytest.mark.slow
-def test_the_tested_shell_blocks_run_on_the_micro_config(clone):
-  work, env = clone
-  blocks = marked_blocks('<!-- tested -->', 'bash')
-  assert len(blocks) == 3 and 'configs/tiny.py:all' in blocks[0]
-  for block in blocks:
-    out = run_block(block, work, env)
+@pytest.mark.background(job=shell_blocks)
+def test_the_tested_shell_blocks_run_on_the_micro_config(background):
+  work, outs = background(shell_blocks)
+  assert len(outs) == 3 and 'configs/tiny.py:all' in outs[0][0]
+  for block, out in outs:
     assert out.returncode == 0, f'{block}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}'
   runs = work / 'runs'
   # The quick start: both stages, samples, and eval.json naming the run as given,
