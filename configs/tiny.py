@@ -59,7 +59,12 @@ def get_config(arg: str | None = None):
   config.train.vae.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.train.diffusion.update(dict(epochs=0, num_steps=1500, lr=1e-3))
   config.train.ar.update(dict(epochs=0, num_steps=1500, lr=1e-3))
+  # Stage 2's reflow phase (tokcom_jax/stages/reflow.py): the head re-trained to
+  # land in 1 to 4 steps where the 16-step sampler of the generator lands, so that
+  # it samples in `sample.steps` = 2 (benchmarks/RESULTS.md, "Reflow").
+  config.train.reflow.update(dict(epochs=0, num_steps=600, lr=3e-4))
   config.sample.update(dict(num_samples=2, sample_every=1,  # at each stage's end
-                            noise_scale=0.35, steps=8))
+                            noise_scale=0.35, steps=2))
   config.wandb.update(dict(project='TokCom-tiny', mode='disabled'))
-  return config_lib.finalize(config, arg, stages=config_lib.STAGES + ('all',))
+  return config_lib.finalize(config, arg,
+                            stages=config_lib.STAGES + ('all', 'reflow'))

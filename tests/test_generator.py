@@ -207,15 +207,43 @@ def head_run(runs):
   vae_dir, dit_dir = runs
   root = pathlib.Path(dit_dir).parent
   workdir = str(root / 'head')
-  trainer_lib.Trainer(train_fixtures.micro_config(
+  trainer_lib.train(train_fixtures.micro_config(
       f'files:{root}/text/*.txt', str(root / 'cache'), stage='diffusion',
       vae_workdir=vae_dir, **{'vae.hidden_size': 64, 'vae.latent_dim': 16,
                               'sample_every': 0, 'flow.order': 'head',
                               'head.token_loss': 0.5, 'head.width': 32,
-                              'train.diffusion.num_steps': 8, 'eval_every': 8}),
-      workdir).run()
+                              'train.diffusion.num_steps': 8, 'eval_every': 8,
+                              # its teacher in <workdir>/teacher, then reflow
+                              'train.reflow.num_steps': 4, 'reflow.teacher_steps': 3,
+                              'sample.steps': 2}),
+      workdir)
   import tokcom_jax
   return tokcom_jax.load(workdir)
+
+
+@pytest.mark.slow
+def test_stage_two_with_reflow_trains_the_teacher_then_its_head_alone(head_run):
+  import json
+  import os
+
+  import tokcom_jax
+  from tokcom_jax.storage import checkpoint
+  teacher_dir = os.path.join(head_run.workdir, 'teacher')
+  teacher = tokcom_jax.load(teacher_dir)
+  assert teacher.config.stage == 'diffusion' and teacher.config.sample.steps == 3
+  assert head_run.config.stage == 'reflow'
+  assert head_run.config.teacher_workdir == teacher_dir
+  assert checkpoint.read_meta(teacher_dir)[0] == 8
+  rows = [json.loads(l) for l in open(os.path.join(head_run.workdir, 'metrics.jsonl'))]
+  assert max(r['step'] for r in rows) == 4
+  assert any('train/reflow_mse' in r for r in rows)
+  # The trunk and the chunk input are the teacher's, bit for bit; the head moved.
+  flat = lambda params: dict(jax.tree_util.tree_leaves_with_path(params))
+  ours, theirs = flat(head_run.dit_params), flat(teacher.dit_params)
+  assert ours.keys() == theirs.keys()
+  changed = [jax.tree_util.keystr(k) for k in ours
+             if not np.array_equal(ours[k], theirs[k])]
+  assert changed and all(k.startswith("['head']") for k in changed), changed
 
 
 @pytest.mark.slow
@@ -260,6 +288,30 @@ def test_evaluation_measures_context_use_and_brier_beside_the_ar_stage(head_run,
     assert set(s) == {'brier_1', 'brier_2', 'brier_3', 'brier_4', 'brier_lm'}
     assert all(-1.0 <= s[f'brier_{n}'] <= 1.0 for n in (1, 2, 3, 4))
     assert 0.0 <= s['brier_lm'] <= 100.0
+
+
+def test_reflow_times_are_those_of_samplers_of_1_to_max_steps():
+  np.testing.assert_allclose(generator.reflow_times(4),
+                             [0, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4], rtol=1e-6)
+
+
+def test_reflow_targets_the_teacher_s_steps_from_the_same_noise():
+  """A student that is its teacher has nothing to learn when the teacher's target is
+  its own one step from x0 (t = 0: the student's prediction is that step); with more
+  teacher steps the targets move and it has."""
+  teacher = make('latent', token_loss=0.0)
+  tokens, x1 = data()
+  loss = nnx.jit(lambda s, t, steps, max_steps: generator.reflow_loss(
+      s, t, tokens, x1, jax.random.key(0), teacher_steps=steps, max_steps=max_steps,
+      batch_mul=2, noise_std=0.35)[0], static_argnums=(2, 3))
+  assert float(loss(teacher, teacher, 1, 1)) < 1e-10
+  assert float(loss(teacher, teacher, 4, 1)) > 1e-3
+  # The student learns from its head alone: no gradient reaches its trunk.
+  grads = nnx.grad(lambda s: generator.reflow_loss(
+      s, teacher, tokens, x1, jax.random.key(0), teacher_steps=4, max_steps=4,
+      batch_mul=2, noise_std=0.35)[0])(make('latent', token_loss=0.0, seed=3))
+  norm = lambda tree: sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(tree))
+  assert norm(grads['trunk']) == 0.0 and norm(grads['head']) > 0.0
 
 
 def test_shortcut_loss_targets_two_half_steps_and_the_flow_at_the_finest_size():

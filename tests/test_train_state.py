@@ -135,6 +135,29 @@ def test_weight_decay_shrinks_matrices_and_leaves_vectors_bit_identical():
   assert (vectors, matrices) == (9, 20)  # scales, 1-D biases; kernels, embeddings
 
 
+def test_parameters_not_trainable_keep_every_bit_under_gradients_and_decay():
+  """`make_optimizer(..., trainable)`: the encoder frozen, the rest trained: with
+  gradients of ones and weight decay, the encoder does not move by a bit, the
+  decoder's matrices do."""
+  params = micro_vae_params()
+  tc = tiny.get_config('vae,warmup_steps=0,weight_decay=0.5').train
+  trainable = lambda path: stacks.key_name(path[0]) != 'encoder'
+  optimizer, _ = train_state.make_optimizer(tc, PEAK, 100, trainable)
+  updates, _ = jax.jit(optimizer.update)(jax.tree.map(jnp.ones_like, params),
+                                         optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  frozen = moved = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                          jax.tree.leaves(new)):
+    if not trainable(path):
+      frozen += 1
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a),
+                                    err_msg=jax.tree_util.keystr(path))
+    else:
+      moved += not np.array_equal(np.asarray(b), np.asarray(a))
+  assert frozen > 5 and moved > 5
+
+
 def test_a_scanned_stack_decays_exactly_what_the_loop_decays():
   """Stacked on a `layers` axis, norm scales are [L, D] and q/k/v biases [L, N, H]:
   the extra axis must not make them decayed (nor change anything else)."""

@@ -54,7 +54,9 @@ MICRO = dict(
        # The DiT's chunkwise recipe, which most sampling tests are about (the chunk
        # generator's runs: tests/test_generator.py).
        'flow.order': 'chunkwise', 'flow.self_condition': True,
-       'sample.noise_scale': 0.5, 'sample.steps': 50})
+       'sample.noise_scale': 0.5, 'sample.steps': 50,
+       # No reflow phase (a flow head's; tests/test_generator.py trains one).
+       'train.reflow.num_steps': 0})
 
 
 def micro_flags(source: str, cache_dir: str, stage: str = 'vae', **modifiers

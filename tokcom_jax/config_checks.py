@@ -122,7 +122,7 @@ _TRANSFORMER = dict(hidden_size=POSITIVE_INT, num_heads=POSITIVE_INT,
 _STAGE_LENGTH = dict(epochs=COUNT, num_steps=COUNT, lr=POSITIVE)
 
 CONFIG: dict[str, Rule] = {
-    'stage': one_of('vae', 'diffusion', 'ar', 'all'),
+    'stage': one_of('vae', 'diffusion', 'ar', 'all', 'reflow'),
     'seed': SEED,
     'compute_dtype': one_of('bfloat16', 'float32'),
     'scan_layers': BOOL,
@@ -177,6 +177,10 @@ CONFIG: dict[str, Rule] = {
                                '0 or a power of 2 >= 2'),
     'sample.noise_scale': POSITIVE,
     'vae_workdir': NAME,  # read (and checked) when stage 2 starts
+    'reflow.teacher_steps': POSITIVE_INT,
+    'reflow.max_steps': POSITIVE_INT,
+    'reflow.batch_mul': POSITIVE_INT,
+    'teacher_workdir': ANY,  # set by stage 2, read (and checked) when reflow starts
     **_section('ar', _TRANSFORMER),
     'ar.num_layers': POSITIVE_INT,
     'ar.tie_embeddings': BOOL,
@@ -196,6 +200,7 @@ CONFIG: dict[str, Rule] = {
     **_section('train.vae', _STAGE_LENGTH),  # num_steps 0: epochs decide
     **_section('train.diffusion', _STAGE_LENGTH),
     **_section('train.ar', _STAGE_LENGTH),
+    **_section('train.reflow', _STAGE_LENGTH),  # 0 steps, 0 epochs: no reflow
     'sample.steps': POSITIVE_INT,
     'sample.num_samples': COUNT,  # 0: no samples
     'sample.sample_every': COUNT,  # 0: no samples

@@ -80,6 +80,15 @@ def base_config() -> ml_collections.ConfigDict:
       kind='flow', width=256, blocks=3, batch_mul=4, predict='x1', input='tokens',
       token_loss=0.0, condition='joint', shortcut_from=0))
   c.vae_workdir = 'runs/v52/vae'  # where stage 2 finds the trained stage-1 VAE
+  # Reflow of the chunk generator's flow head (tokcom_jax/stages/reflow.py): with
+  # train.reflow.num_steps > 0 and a flow head (flow.order='head'), stage 2 trains
+  # the generator into <workdir>/teacher, then a copy of it whose head learns to land
+  # in 1 to `max_steps` Euler steps where the teacher's head lands in
+  # `teacher_steps` from the same starting noise (of the sampler's scale,
+  # sample.noise_scale), the trunk frozen, `batch_mul` draws per position: the run
+  # in <workdir> samples in a few steps.
+  c.reflow = ml_collections.ConfigDict(dict(teacher_steps=16, max_steps=4, batch_mul=4))
+  c.teacher_workdir = ''  # set by stage 2 for its reflow phase
 
   # The autoregressive baseline: a causal Qwen2-0.5B-shaped LM on the same windows.
   c.ar = ml_collections.ConfigDict(dict(
@@ -95,7 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_nan_steps=5,
       vae=dict(epochs=5, num_steps=0, lr=1e-4),
       diffusion=dict(epochs=10, num_steps=0, lr=3e-5),
-      ar=dict(epochs=10, num_steps=0, lr=1e-4)))
+      ar=dict(epochs=10, num_steps=0, lr=1e-4),
+      reflow=dict(epochs=0, num_steps=0, lr=3e-4)))
 
   # noise_scale: the sampler starts from noise of noise_scale × flow.noise_std (< 1:
   # samples nearer the modes, less diverse; a latent temperature).

@@ -71,10 +71,14 @@ def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seed_key, f
           noise_std, known_mask_N, known_NZ, prompt_L, prompt_mask_L, *, B, steps,
           guide, choosing, prompted, progress):
   """One batch of B samples, the first `first`: its noise and keys drawn here, in
-  the same program as the sampler (at batch 1 each call outside it costs)."""
+  the same program as the sampler (at batch 1 each call outside it costs). Sample
+  i's starting noise comes from key (seed, i) alone, so a flow head's sample i is
+  the same in any batch (decoding at temperature > 0 draws per batch)."""
   key = jax.random.fold_in(seed_key, first)
   N, Z = known_NZ.shape
-  x0 = flow.sample_noise(key, (B, N, Z), noise_std)
+  x0 = jax.vmap(lambda i: flow.sample_noise(
+      jax.random.fold_in(jax.random.fold_in(seed_key, i), 0), (N, Z), noise_std))(
+          first + jnp.arange(B))
   batch = lambda a: jnp.broadcast_to(a, (B,) + a.shape)
   return _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0, steps,
                  jax.random.fold_in(key, 1), batch(known_mask_N), batch(known_NZ),

@@ -91,16 +91,10 @@ def dit_forward(config, batch: int) -> int:
           + batch * (N if chunkwise else 1) * per_condition)
 
 
-def generator_forward(config, batch: int) -> int:
-  """Forward FLOPs of the chunk generator (`flow.order = 'head'`) on [batch, N]
-  chunks as training calls it: the trunk once, the chunk-input MLP, the head on
-  `batch_mul` rows per position (twice with self-conditioning: the estimate), the
-  token head when it has a loss."""
-  d, h, K = config.dit, config.head, config.chunk_size
-  D, Z, V, W = d.hidden_size, config.vae.latent_dim, config.vocab_size, h.width
-  N = config.max_length // K
-  positions = batch * N
-  inputs = (2 * K * D * D + 2 * D * D) if h.input == 'tokens' else 2 * Z * D
+def head_forward_per_row(config) -> int:
+  """Forward FLOPs of the chunk generator's head on one row (one latent, one time)."""
+  h, D, Z = config.head, config.dit.hidden_size, config.vae.latent_dim
+  W = h.width
   energy = h.kind == 'energy'
   sc = config.flow.self_condition and not energy
   per_row = (2 * D * W + 2 * Z * (1 + sc) * W           # condition, input projection
@@ -110,9 +104,39 @@ def generator_forward(config, batch: int) -> int:
     per_row += 2 * (HeadConfig().time_freq_dim * W + W * W)  # timestep MLP
   if not energy and h.get('condition', 'joint') == 'separate':  # the time's share
     per_row += 2 * W * (3 * h.blocks + 2) * W
+  return per_row
+
+
+def _trunk_forward(config, batch: int) -> int:
+  """The trunk once over [batch, N] chunk positions and its chunk-input MLP."""
+  d, h, K = config.dit, config.head, config.chunk_size
+  D, Z, N = d.hidden_size, config.vae.latent_dim, config.max_length // K
+  inputs = (2 * K * D * D + 2 * D * D) if h.input == 'tokens' else 2 * Z * D
+  return _stack(d, d.num_layers, True).forward(batch, N) + batch * N * inputs
+
+
+def generator_forward(config, batch: int) -> int:
+  """Forward FLOPs of the chunk generator (`flow.order = 'head'`) on [batch, N]
+  chunks as training calls it: the trunk once, the chunk-input MLP, the head on
+  `batch_mul` rows per position (twice with self-conditioning: the estimate), the
+  token head when it has a loss."""
+  h, K, V = config.head, config.chunk_size, config.vocab_size
+  D = config.dit.hidden_size
+  positions = batch * (config.max_length // K)
+  sc = config.flow.self_condition and h.kind != 'energy'
   token_head = positions * 2 * D * K * V if h.token_loss > 0 else 0
-  return (_stack(d, d.num_layers, True).forward(batch, N) + positions * inputs
-          + positions * h.batch_mul * per_row * (1 + sc) + token_head)
+  return (_trunk_forward(config, batch)
+          + positions * h.batch_mul * head_forward_per_row(config) * (1 + sc)
+          + token_head)
+
+
+def reflow(config, batch: int) -> int:
+  """FLOPs of one reflow step (`stages.reflow`): the frozen encoder and the
+  teacher's trunk forward, the teacher's head steps forward, the student's head
+  forward and backward, on `reflow.batch_mul` rows per position."""
+  rows = batch * (config.max_length // config.chunk_size) * config.reflow.batch_mul
+  return (vae_forward(config, batch)['encoder'] + _trunk_forward(config, batch)
+          + rows * head_forward_per_row(config) * (config.reflow.teacher_steps + 3))
 
 
 def lm_forward(config, batch: int) -> int:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax.models import axes, dit, flow, head as head_lib, layers
+from tokcom_jax.models import axes, dit, flow, head as head_lib, layers, samplers
 
 Array = jax.Array
 
@@ -197,3 +197,34 @@ def loss_fn(model: ChunkGenerator, tokens_BL: Array, x1_BNZ: Array, rng: Array,
     loss = loss + cfg.ce_weight * metrics['ce']
   metrics['loss'] = loss
   return loss, metrics
+
+
+def reflow_times(max_steps: int) -> Array:
+  """The times a sampler of 1 to `max_steps` uniform steps visits: {i/S : i < S}."""
+  return jnp.asarray(sorted({i / s for s in range(1, max_steps + 1) for i in range(s)}),
+                     jnp.float32)
+
+
+def reflow_loss(student: ChunkGenerator, teacher: ChunkGenerator, tokens_BL: Array,
+                x1_BNZ: Array, rng: Array, *, teacher_steps: int, max_steps: int,
+                batch_mul: int, noise_std: float) -> tuple[Array, dict[str, Array]]:
+  """Reflow (Liu et al. 2022, "Flow Straight and Fast") of the student's head onto
+  the teacher's: from a starting noise x0 (std `noise_std`, the sampler's), the
+  teacher's head takes `teacher_steps` Euler steps to x1*; the student's head,
+  conditioned on the teacher's trunk states of the window, predicts x1* from x_t on
+  the straight line x0 → x1* at the times of samplers of 1 to `max_steps` steps. Its
+  mean squared error. A head that predicts x1* exactly lands there in one step.
+  `x1_BNZ`: the window's latents in the flow's units (what a latent-reading trunk
+  reads)."""
+  B, N, Z = x1_BNZ.shape
+  h_MD = _rows(jax.lax.stop_gradient(teacher.states(tokens_BL, x1_BNZ)), batch_mul)
+  M = h_MD.shape[0]
+  noise_rng, t_rng = jax.random.split(rng)
+  x0_MZ = flow.sample_noise(noise_rng, (M, Z), noise_std)
+  target_MZ = jax.lax.stop_gradient(samplers.head_latents(
+      teacher, h_MD, x0_MZ, teacher_steps, rng))
+  times = reflow_times(max_steps)
+  t_M = times[jax.random.randint(t_rng, (M,), 0, times.shape[0])]
+  pred_MZ = student.head.x1(flow.interpolate(x0_MZ, target_MZ, t_M), t_M, h_MD)
+  mse = jnp.mean(jnp.square(pred_MZ - target_MZ))
+  return mse, {'loss': mse, 'reflow_mse': mse}

@@ -55,6 +55,12 @@ class Stage:
     """Trained models this stage reads but never updates, by name."""
     return {}
 
+  def trainable(self, path) -> bool:
+    """Whether the parameter at `path` (keys of the params tree) is trained: the
+    others keep their values (no update, no weight decay)."""
+    del path
+    return True
+
   def tokenizer_dir(self, workdir) -> epath.Path:
     """Where the run's tokenizer is saved (or found)."""
     return epath.Path(workdir) / 'tokenizer'

@@ -32,11 +32,12 @@ def abstract_params(build: Build, mesh):
   return graphdef, abstract
 
 
-def make_optimizer(train_config, lr: float, total_steps: int):
+def make_optimizer(train_config, lr: float, total_steps: int, trainable=None):
   """(optimizer, learning-rate schedule): AdamW, linear warm-up then cosine decay to
   10%, global-norm clipping, gradient accumulation over `grad_accum` batches. A
   gradient with a NaN or inf is skipped (no update, no accumulation) by
-  `optax.apply_if_finite`; the loop stops the run after `max_nan_steps` in a row."""
+  `optax.apply_if_finite`; the loop stops the run after `max_nan_steps` in a row.
+  `trainable(path)`: which parameters it updates (default: all)."""
   tc = train_config
   updates = max(total_steps // tc.grad_accum, 1)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -47,6 +48,9 @@ def make_optimizer(train_config, lr: float, total_steps: int):
       optax.clip_by_global_norm(tc.grad_clip),
       optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                   mask=decay_mask))
+  if trainable is not None:  # `trainable(path)` False: a zero update, no decay
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), lambda params: (
+        jax.tree_util.tree_map_with_path(lambda p, _: not trainable(p), params))))
   if tc.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=tc.grad_accum)
   return optax.apply_if_finite(tx, max_consecutive_errors=tc.max_nan_steps), schedule

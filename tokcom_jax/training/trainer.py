@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import signal
 import threading
 import time
@@ -87,12 +86,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Runs `config.stage` in `workdir`; 'all' trains the VAE, then the flow model."""
   check_config(config)  # again: --config.field=value flags apply after get_config
   with workdir_lock.hold(workdir, 'training'):
-    if config.stage == 'all':  # a stopped stage 1 raises Stopped: no stage 2
-      vae_dir = os.path.join(workdir, 'vae')
-      train(_with(config, stage='vae'), vae_dir)
-      return train(_with(config, stage='diffusion', vae_workdir=vae_dir),
-                   os.path.join(workdir, 'diffusion'))
-    return Trainer(config, workdir).run()
+    # 'all': the VAE's run, then stage 2's; stage 2 with reflow: its teacher's, then its.
+    *before, last = stages.phases(config, workdir)
+    for phase in before:
+      train(*phase)
+    return train(*last) if last[1] != workdir else Trainer(*last).run()
 
 
 _WARNED: set[str] = set()
@@ -102,13 +100,6 @@ def _warn_once(message: str | None) -> None:
   if message and message not in _WARNED and jax.process_index() == 0:
     _WARNED.add(message)
     logging.warning(message)
-
-
-def _with(config, **fields):
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.update(fields)
-  config.lock()
-  return config
 
 
 class Trainer:
@@ -126,8 +117,8 @@ class Trainer:
       self.workdir.mkdir(parents=True, exist_ok=True)
     frozen = stage.frozen()
     # What cannot fit is refused before any data or model is read (any schedule).
-    abstract = train_state.abstract_state(stage.build, self.mesh,
-                                          train_state.make_optimizer(tc, 1e-4, 1)[0])
+    abstract = train_state.abstract_state(stage.build, self.mesh, train_state.make_optimizer(
+        tc, 1e-4, 1, stage.trainable)[0])
     frozen_abstract = train_state.abstract_frozen(frozen, self.mesh)
     train_state.check_fits(abstract[1], frozen_abstract)
     self.frozen_graphdefs = train_state.frozen_graphdefs(frozen)
@@ -146,7 +137,8 @@ class Trainer:
         sc.epochs * self.steps_per_epoch)
     if self.total_steps <= 0:
       raise ConfigError(f'train.{stage.name}: set num_steps or epochs above 0.')
-    self.optimizer, self.lr = train_state.make_optimizer(tc, sc.lr, self.total_steps)
+    self.optimizer, self.lr = train_state.make_optimizer(
+        tc, sc.lr, self.total_steps, stage.trainable)
     self.graphdef, self.state = train_state.init_state(
         stage.build, self.mesh, self.optimizer, config.seed, abstract)
     fn_args = (stage, self.graphdef, self.frozen_graphdefs)
