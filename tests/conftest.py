@@ -51,6 +51,14 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def head_run_dir(runs):
+  """A micro stage-2 run of the chunk generator (flow.order='head', the tiny
+  default's) on the sampling VAE: its teacher in <workdir>/teacher, then reflow."""
+  from tests import train_fixtures
+  return train_fixtures.train_head_run(runs)
+
+
+@pytest.fixture(scope='session')
 def ar_run(runs):
   """A trained micro `ar` run beside the sampling runs."""
   from tests import train_fixtures

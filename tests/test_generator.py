@@ -198,27 +198,9 @@ def test_loss_learns_and_its_parts_are_reported(kind, predict):
 
 
 @pytest.fixture(scope='module')
-def head_run(runs):
-  """A micro stage-2 run of the chunk generator on the session's sampling VAE."""
-  import pathlib
-
-  from tests import train_fixtures
-  from tokcom_jax.training import trainer as trainer_lib
-  vae_dir, dit_dir = runs
-  root = pathlib.Path(dit_dir).parent
-  workdir = str(root / 'head')
-  trainer_lib.train(train_fixtures.micro_config(
-      f'files:{root}/text/*.txt', str(root / 'cache'), stage='diffusion',
-      vae_workdir=vae_dir, **{'vae.hidden_size': 64, 'vae.latent_dim': 16,
-                              'sample_every': 0, 'flow.order': 'head',
-                              'head.token_loss': 0.5, 'head.width': 32,
-                              'train.diffusion.num_steps': 8, 'eval_every': 8,
-                              # its teacher in <workdir>/teacher, then reflow
-                              'train.reflow.num_steps': 4, 'reflow.teacher_steps': 3,
-                              'sample.steps': 2}),
-      workdir)
+def head_run(head_run_dir):
   import tokcom_jax
-  return tokcom_jax.load(workdir)
+  return tokcom_jax.load(head_run_dir)
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 streamed chunks against the whole answer, and every bounded field refused with a
 4xx naming it."""
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -23,9 +25,9 @@ LIMITS = serve.Limits(max_prompt_tokens=12, max_tokens=24, max_n=3, max_steps=20
 
 
 @contextlib.contextmanager
-def serving(workdir):
+def serving(workdir, limits=LIMITS):
   """The app of one run on 127.0.0.1 at a free port, in a thread; its base URL."""
-  backend = serve.Backend(tokcom_jax.load(workdir), workdir, LIMITS)
+  backend = serve.Backend(tokcom_jax.load(workdir), workdir, limits)
   server = uvicorn.Server(uvicorn.Config(serve.create_app(backend), host='127.0.0.1',
                                          port=0, log_level='warning'))
   thread = threading.Thread(target=server.run, daemon=True)
@@ -142,3 +144,60 @@ def test_an_ar_run_serves_the_same_completions(ar_run):
     refused = post(base, '/v1/completions', {'prompt': 'x', 'steps': 4})
     assert refused.status_code == 400 and refused.json()['error']['param'] == 'steps'
     assert post(base, '/v1/encode', {'text': 'x'}).status_code == 404
+
+
+BURST = [(1, 0), (2, 1), (1, 2), (3, 3), (1, 4)]  # (n, seed) of requests: 8 rows
+
+
+@pytest.fixture(scope='module')
+def generator(head_run_dir):
+  """The chunk generator's run, batching up to 8 rows: a batch closes when it is
+  full, however long its requests take to arrive (a minute at most)."""
+  limits = dataclasses.replace(LIMITS, max_batch=8, batch_wait_ms=60_000)
+  with serving(head_run_dir, limits) as served:
+    yield served
+
+
+def test_a_burst_of_requests_is_one_batch_and_each_gets_its_own_answer(generator):
+  base, backend = generator
+  assert backend.card()['limits']['max_batch'] == 8
+  bodies = [{'max_tokens': 12, 'n': n, 'seed': seed} for n, seed in BURST]
+  before = list(backend.batcher.batches)
+  with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+    answers = list(pool.map(lambda b: post(base, '/v1/completions', b).json(), bodies))
+  assert backend.batcher.batches[len(before):] == [8]  # the 5 requests, one call
+  model = backend.model
+  for (n, seed), answer in zip(BURST, answers):
+    _, alone = model.sample(n, num_chunks=3, seed=seed)  # what sample.py gives
+    texts = []
+    for row in alone[:, :12]:  # a document's end stops a completion
+      stop = np.flatnonzero(row == model.tokenizer.eos_token_id)
+      texts.append(model.text(row[:stop[0]] if len(stop) else row))
+    assert [c['text'] for c in answer['choices']] == texts, (n, seed)
+  # Different rows drew different samples (the seeds and indices reached the noise).
+  assert len({c['text'] for a in answers for c in a['choices']}) > 4
+
+
+def test_the_batcher_keeps_keys_apart_and_hands_errors_to_their_batch():
+  import threading
+
+  from tokcom_jax.inference import batching
+  calls = []
+
+  def run(key, items):
+    calls.append((key, list(items)))
+    if key == 'bad':
+      raise ValueError('no')
+    return [f'{key}:{item}' for item in items]
+  batcher = batching.Batcher(run, threading.Lock(), max_rows=3, max_wait_s=60)
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    futures = [pool.submit(batcher.submit, key, 1, item)
+               for key, item in [('a', 1), ('b', 2), ('a', 3), ('b', 4), ('a', 5),
+                                 ('b', 6)]]
+    results = [f.result() for f in futures]
+  assert results == ['a:1', 'b:2', 'a:3', 'b:4', 'a:5', 'b:6']
+  assert sorted((k, sorted(i)) for k, i in calls) == [('a', [1, 3, 5]), ('b', [2, 4, 6])]
+  assert batcher.batches == [3, 3]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    bad = [pool.submit(batcher.submit, 'bad', 1, i) for i in range(3)]
+    assert all(isinstance(f.exception(), ValueError) for f in bad)

@@ -106,3 +106,22 @@ def train_ar_run(runs: tuple[str, str]) -> str:
          'ar.num_heads': 2, 'ar.num_kv_heads': 1, 'ar.intermediate_size': 64}),
       ar_dir).run()
   return ar_dir
+
+
+def train_head_run(runs: tuple[str, str]) -> str:
+  """A micro chunk-generator stage 2 (teacher, then reflow) beside the sampling runs."""
+  from tokcom_jax.training import trainer as trainer_lib
+  vae_dir, dit_dir = runs
+  root = pathlib.Path(dit_dir).parent
+  workdir = str(root / 'head')
+  trainer_lib.train(micro_config(
+      f'files:{root}/text/*.txt', str(root / 'cache'), stage='diffusion',
+      vae_workdir=vae_dir, **{'vae.hidden_size': 64, 'vae.latent_dim': 16,
+                              'sample_every': 0, 'flow.order': 'head',
+                              'head.token_loss': 0.5, 'head.width': 32,
+                              'train.diffusion.num_steps': 8, 'eval_every': 8,
+                              # its teacher in <workdir>/teacher, then reflow
+                              'train.reflow.num_steps': 4, 'reflow.teacher_steps': 3,
+                              'sample.steps': 2}),
+      workdir)
+  return workdir

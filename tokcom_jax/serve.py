@@ -11,8 +11,11 @@ A TokCom run and an `ar` run serve the same API (`Backend`). The run is loaded o
 and its default sampler compiled before the port opens. Every bounded input (prompt
 length, `max_tokens`, `n`, `steps`, the body's size) has a limit (flags, shown by
 `/v1/models`); anything outside them, a wrong type, an unknown field or malformed
-JSON gets a 4xx JSON error naming the field. Requests run one at a time (one model,
-one device); the host is 127.0.0.1 unless `--host` says otherwise; SIGTERM lets the
+JSON gets a 4xx JSON error naming the field. Concurrent completions of a TokCom
+chunk generator at temperature 0 with whole-chunk prompts are merged into one batch
+(`--max_batch` rows, waiting `--batch_wait_ms` for more; `inference/batching.py`),
+each the text it gets alone; other requests run one at a time (one model, one
+device). The host is 127.0.0.1 unless `--host` says otherwise; SIGTERM lets the
 requests in flight finish, then exits 0 (uvicorn's graceful shutdown).
 """
 
@@ -114,7 +117,7 @@ def create_app(backend: Backend):
   @app.post('/v1/completions')
   def completions(body: Completion):
     req = check(body.model_dump(), backend)
-    result = run(backend.complete, req)
+    result = backend.complete(req)  # batched with others where it can be
     created, rid = int(time.time()), f'cmpl-{time.time_ns():x}'
     head = {'id': rid, 'object': 'text_completion', 'created': created,
             'model': backend.workdir}
@@ -157,10 +160,10 @@ def create_app(backend: Backend):
 
 
 def warm_up(backend: Backend) -> float:
-  """Compiles the default completion once; its seconds."""
+  """Compiles the default completion (the request's defaults) once; its seconds."""
   start = time.perf_counter()
   if backend.is_ar or backend.model.dit_params is not None:
-    backend.complete(check({'prompt': '', 'max_tokens': 1, 'n': 1, 'seed': 0,
+    backend.complete(check({'prompt': '', 'max_tokens': min(16, backend.context), 'n': 1, 'seed': 0,
                              'temperature': 0.0, 'top_k': 0, 'top_p': 1.0,
                              'steps': None, 'noise_scale': None, 'stream': False},
                             backend))
@@ -173,8 +176,7 @@ def main(argv) -> Any:
   from absl import flags
   import tokcom_jax
   F = flags.FLAGS
-  limits = Limits(F.max_prompt_tokens, F.max_tokens, F.max_n, F.max_steps,
-                  F.max_body_bytes)
+  limits = Limits(**{f.name: getattr(F, f.name) for f in dataclasses.fields(Limits)})
   backend = Backend(tokcom_jax.load(F.workdir), F.workdir, limits)
   print(f'{F.workdir}: compiled in {warm_up(backend):.1f} s; serving on'
         f' http://{F.host}:{F.port}', flush=True)

@@ -22,37 +22,72 @@ from tokcom_jax.models.decoding import choose_tokens
 Array = jax.Array
 
 
-def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_ids,
-           known_mask, prompt_z, choosing) -> tuple[np.ndarray, np.ndarray]:
-  """`TokCom.sample` for a chunk generator: the prompt's tokens are fed to the trunk
-  as they are; a chunk the prompt ends inside keeps them and the rest of it comes
-  from its latent, drawn under guidance toward them. (latents [S, N, Z], tokens)."""
-  K, Z = model.chunk_size, model.latent_dim
+def _prompt_rows(N, K, Z, prompt_ids, known_mask, prompt_z) -> tuple[np.ndarray, ...]:
+  """One sample's prompt arrays: (held chunks [N], their latents [N, Z], prompt
+  tokens [N·K], which tokens are the prompt's [N·K])."""
   prompt = np.zeros((N * K,), np.int32)
   prompt_mask = np.zeros((N * K,), bool)
   prompt[:len(prompt_ids)] = prompt_ids
   prompt_mask[:len(prompt_ids)] = True
   known = np.zeros((N, Z), np.float32)
   known[:len(prompt_z)] = prompt_z
+  return np.asarray(known_mask, bool), known, prompt, prompt_mask
+
+
+def sample(model, num_samples, batch_size, N, steps, seed, noise_scale, prompt_ids,
+           known_mask, prompt_z, choosing) -> tuple[np.ndarray, np.ndarray]:
+  """`TokCom.sample` for a chunk generator: the prompt's tokens are fed to the trunk
+  as they are; a chunk the prompt ends inside keeps them and the rest of it comes
+  from its latent, drawn under guidance toward them. (latents [S, N, Z], tokens)."""
+  K, Z = model.chunk_size, model.latent_dim
+  one = _prompt_rows(N, K, Z, prompt_ids, known_mask, prompt_z)
   latents, tokens = [], []
-  seed_key = jax.random.key(seed)
   # A long sample (many steps) counts its chunks as they are drawn.
   progress = steps * N >= LONG_SAMPLE
   _BAR[0] = tqdm(total=N * -(-num_samples // batch_size), desc='sampling', unit='chunk',
                  delay=2, leave=False, disable=not progress)
   for first in range(0, num_samples, batch_size) if progress else batch_starts(
       num_samples, batch_size):
-    z, out = _draw(
-        model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
-        model.dit_params, model.vae_params, seed_key, np.int32(first),
-        np.float32(model.config.flow.noise_std * noise_scale), known_mask, known,
-        prompt, prompt_mask, B=min(batch_size, num_samples - first), steps=int(steps),
-        guide=len(prompt_ids) % K > 0, choosing=tuple(choosing),
-        prompted=len(prompt_ids) > 0, progress=progress)
+    B = min(batch_size, num_samples - first)
+    z, out = _call(model, np.full((B,), seed, np.uint32),
+                   np.arange(first, first + B, dtype=np.int32), noise_scale,
+                   [np.broadcast_to(a, (B,) + a.shape) for a in one], steps,
+                   guide=len(prompt_ids) % K > 0, choosing=choosing,
+                   prompted=len(prompt_ids) > 0, progress=progress)
     latents.append(np.asarray(z))
     tokens.append(np.asarray(out))
   _BAR[0].close()
   return np.concatenate(latents), np.concatenate(tokens)
+
+
+def sample_rows(model, rows, N, steps, noise_scale, choosing, pad_to: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Samples of several requests in one batch: `rows` are (seed, index, prompt ids,
+  held chunks [N], prompt latents) each, and row (seed, i) is sample i of
+  `sample(…, seed)` with that prompt. Prompts must fill whole chunks (a chunk's
+  guidance toward a partial prompt reads the whole batch). The batch is padded to
+  `pad_to` rows (copies of the first), so that a few batch sizes are compiled.
+  (latents, tokens) of `rows`."""
+  K, Z = model.chunk_size, model.latent_dim
+  if any(len(ids) % K for _, _, ids, _, _ in rows):
+    raise ValueError('sample_rows: prompts must end at a chunk boundary')
+  padded = list(rows) + [rows[0]] * max(pad_to - len(rows), 0)
+  arrays = [np.stack(a) for a in zip(*(_prompt_rows(N, K, Z, *r[2:]) for r in padded))]
+  z, tokens = _call(model, np.asarray([r[0] for r in padded], np.uint32),
+                    np.asarray([r[1] for r in padded], np.int32), noise_scale, arrays,
+                    steps, guide=False, choosing=choosing,
+                    prompted=any(len(r[2]) for r in rows), progress=False)
+  return np.asarray(z)[:len(rows)], np.asarray(tokens)[:len(rows)]
+
+
+def _call(model, seeds_B, index_B, noise_scale, arrays, steps, *, guide, choosing,
+          prompted, progress):
+  return _draw(
+      model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
+      model.dit_params, model.vae_params, seeds_B, index_B,
+      np.float32(model.config.flow.noise_std * noise_scale), *arrays,
+      steps=int(steps), guide=guide, choosing=tuple(choosing), prompted=prompted,
+      progress=progress)
 
 
 LONG_SAMPLE = 4096  # head steps per sample (steps × chunks) from which chunks are counted
@@ -65,25 +100,23 @@ def _chunk_drawn(n) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2),
-                   static_argnames=('B', 'steps', 'guide', 'choosing', 'prompted',
+                   static_argnames=('steps', 'guide', 'choosing', 'prompted',
                                     'progress'))
-def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seed_key, first,
-          noise_std, known_mask_N, known_NZ, prompt_L, prompt_mask_L, *, B, steps,
+def _draw(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, seeds_B, index_B,
+          noise_std, known_mask_BN, known_BNZ, prompt_BL, prompt_mask_BL, *, steps,
           guide, choosing, prompted, progress):
-  """One batch of B samples, the first `first`: its noise and keys drawn here, in
-  the same program as the sampler (at batch 1 each call outside it costs). Sample
-  i's starting noise comes from key (seed, i) alone, so a flow head's sample i is
-  the same in any batch (decoding at temperature > 0 draws per batch)."""
-  key = jax.random.fold_in(seed_key, first)
-  N, Z = known_NZ.shape
-  x0 = jax.vmap(lambda i: flow.sample_noise(
-      jax.random.fold_in(jax.random.fold_in(seed_key, i), 0), (N, Z), noise_std))(
-          first + jnp.arange(B))
-  batch = lambda a: jnp.broadcast_to(a, (B,) + a.shape)
+  """Samples (seed_b, index_b) of each row b: their noise and keys drawn here, in
+  the same program as the sampler (at batch 1 each call outside it costs). A row's
+  starting noise comes from key (seed, index) alone, so a flow head's sample is the
+  same in any batch; decoding at temperature > 0 draws with the first row's key."""
+  row_key = lambda seed, i: jax.random.fold_in(jax.random.key(seed), i)
+  N, Z = known_BNZ.shape[1:]
+  x0 = jax.vmap(lambda seed, i: flow.sample_noise(
+      jax.random.fold_in(row_key(seed, i), 0), (N, Z), noise_std))(seeds_B, index_B)
+  key = jax.random.fold_in(row_key(seeds_B[0], index_B[0]), 1)
   return _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0, steps,
-                 jax.random.fold_in(key, 1), batch(known_mask_N), batch(known_NZ),
-                 batch(prompt_L), batch(prompt_mask_L), guide, *choosing, prompted,
-                 progress)
+                 key, known_mask_BN, known_BNZ, prompt_BL, prompt_mask_BL, guide,
+                 *choosing, prompted, progress)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 6, 12, 13, 14, 15, 16, 17))

@@ -12,6 +12,7 @@ import numpy as np
 
 from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import TokcomError
+from tokcom_jax.inference import batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Limits:
   max_n: int = 16
   max_steps: int = 1000
   max_body_bytes: int = 1 << 20
+  max_batch: int = 32  # rows that concurrent requests share in one call (1: none)
+  batch_wait_ms: int = 2  # how long a batch waits for more requests
 
 
 class RequestError(TokcomError):
@@ -42,6 +45,14 @@ class Backend:
     self.chunk_size = model.config.chunk_size
     self.context = model.config.max_length - (1 if self.is_ar else 0)
     self.lock = threading.Lock()  # one request on the device at a time
+    cfg = getattr(model, '_flow_cfg', None)
+    # Batched, a TokCom chunk generator's sample is the one it draws alone (its noise
+    # keyed by (seed, index)); argmax decoding only, whole-chunk prompts only.
+    self.batchable = (not self.is_ar and cfg is not None and cfg.order == 'head'
+                      and model.config.head.kind == 'flow' and limits.max_batch > 1)
+    self.batcher = batching.Batcher(
+        self._complete_batch, self.lock, limits.max_batch,
+        limits.batch_wait_ms / 1e3) if self.batchable else None
 
   def card(self) -> dict:
     kind = 'ar' if self.is_ar else ('tokcom' if self.model.dit_params is not None
@@ -51,13 +62,25 @@ class Backend:
             'limits': dataclasses.asdict(self.limits)}
 
   def complete(self, req: dict) -> dict:
-    """{'choices': [(text, finish_reason, [chunk texts])], 'usage': …}."""
+    """{'choices': [(text, finish_reason, [chunk texts])], 'usage': …}: in a batch
+    with concurrent requests where it can be, else alone."""
     if self.model.__class__.__name__ == 'TokCom' and self.model.dit_params is None:
       raise RequestError(None, f'{self.workdir} is a stage-1 (VAE) run: it can'
                          ' reconstruct, encode and decode, not complete.')
-    tok = self.model.tokenizer
+    ids, T = self._check_lengths(req)
+    P, K = len(ids), self.chunk_size
+    if self.batcher and req['temperature'] == 0 and P % K == 0:
+      key = (-(-(P + T) // K), req['steps'], req['noise_scale'], P > 0)
+      tokens = self.batcher.submit(key, req['n'], req)
+    else:
+      with self.lock:
+        tokens = self._sample(req, ids, T)
+    return self._result(tokens, ids, T)
+
+  def _check_lengths(self, req: dict) -> tuple[np.ndarray, int]:
+    """(prompt ids, max_tokens), refused where they do not fit."""
     prompt = req['prompt']
-    ids = text_ids(tok, prompt) if prompt else np.zeros(0, np.int32)
+    ids = text_ids(self.model.tokenizer, prompt) if prompt else np.zeros(0, np.int32)
     P, T = len(ids), req['max_tokens']
     if P > self.limits.max_prompt_tokens:
       raise RequestError('prompt', f'prompt is {P} tokens; the limit is'
@@ -67,16 +90,30 @@ class Backend:
     if T > room:
       raise RequestError('max_tokens', f'max_tokens {T} does not fit: the context'
                          f' holds {room} tokens after this prompt.')
+    return ids, T
+
+  def _sample(self, req: dict, ids: np.ndarray, T: int) -> np.ndarray:
     sampling = dict(seed=req['seed'], batch_size=req['n'],
                     temperature=req['temperature'], top_k=req['top_k'],
-                    top_p=req['top_p'], prompt=prompt or None)
+                    top_p=req['top_p'], prompt=req['prompt'] or None)
     if self.is_ar:
-      tokens = self.model.sample(req['n'], num_tokens=T, **sampling)
-    else:
-      K = self.chunk_size
-      _, tokens = self.model.sample(req['n'], num_chunks=-(-(P + T) // K),
-                                    steps=req['steps'], noise_scale=req['noise_scale'],
-                                    **sampling)
+      return self.model.sample(req['n'], num_tokens=T, **sampling)
+    return self.model.sample(req['n'], num_chunks=-(-(len(ids) + T) // self.chunk_size),
+                             steps=req['steps'], noise_scale=req['noise_scale'],
+                             **sampling)[1]
+
+  def _complete_batch(self, key, reqs: list[dict]) -> list[np.ndarray]:
+    """Token ids of requests that share `key` (chunks, steps, noise scale), drawn
+    in one batch: each what `_sample` gives it alone (a request of n rows alone is
+    a batch of n: to the last bit when n is a power of 2)."""
+    num_chunks, steps, noise_scale, _ = key
+    rows = sum(r['n'] for r in reqs)  # padded to a power of 2: few programs compiled
+    return self.model.sample_batch([(r['n'], r['seed'], r['prompt'] or None)
+                                    for r in reqs], num_chunks, steps, noise_scale,
+                                   pad_to=1 << (rows - 1).bit_length())
+
+  def _result(self, tokens, ids: np.ndarray, T: int) -> dict:
+    tok, P = self.model.tokenizer, len(ids)
     choices, generated = [], 0
     for row in np.asarray(tokens)[:, P:P + T]:  # a document's end (EOS) stops it
       stop = np.flatnonzero(row == tok.eos_token_id)

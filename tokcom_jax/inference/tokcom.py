@@ -178,22 +178,12 @@ class TokCom:
       raise SamplingError(f'noise_scale must be positive, got {noise_scale}.')
     check_counts(num_samples, batch_size)
     K, Z = self.chunk_size, self.latent_dim
-    known_mask = np.zeros((N,), bool)
-    known = np.zeros((N, Z), np.float32)
-    prompt_ids = self._tokens(prompt) if prompt else np.zeros((0,), np.int32)
+    prompt_ids, known_mask, known, prompt_z = self._prompt(prompt, N)
     held, rest = divmod(len(prompt_ids), K)
-    if prompt:
-      if -(-len(prompt_ids) // K) >= N:
-        raise SamplingError(f'the prompt is {len(prompt_ids)} tokens, which leaves'
-                            f' nothing of {N} chunks of {K} to generate: shorten it.')
-      prompt_z = self.encode(prompt)  # its last chunk padded when partial
-      known[:held] = prompt_z[:held]
-      known_mask[:held] = True
     if self._flow_cfg.order == 'head':
       return chunk_generation.sample(
           self, num_samples, batch_size or num_samples, N, steps, seed, noise_scale,
-          prompt_ids, known_mask, prompt_z if prompt else known,
-          (temperature, top_k, top_p))
+          prompt_ids, known_mask, prompt_z, (temperature, top_k, top_p))
     # A prompt that ends inside a chunk: that chunk is generated toward its known
     # first tokens (guidance), and they are written back verbatim.
     prefix = np.zeros((N * K,), np.int32)
@@ -220,6 +210,41 @@ class TokCom:
       tokens.append(out)
       latents.append(np.asarray(z))
     return np.concatenate(latents), np.concatenate(tokens)
+
+  def _prompt(self, prompt: str | None, N: int):
+    """(token ids, held chunks [N], their latents [N, Z], the prompt's latents with
+    a partial last chunk padded [P/K, Z]) of a prompt for N chunks."""
+    K, Z = self.chunk_size, self.latent_dim
+    known_mask, known = np.zeros((N,), bool), np.zeros((N, Z), np.float32)
+    if not prompt:
+      return np.zeros((0,), np.int32), known_mask, known, known
+    ids = self._tokens(prompt)
+    if -(-len(ids) // K) >= N:
+      raise SamplingError(f'the prompt is {len(ids)} tokens, which leaves nothing of'
+                          f' {N} chunks of {K} to generate: shorten it.')
+    prompt_z = self.encode(prompt)  # its last chunk padded when partial
+    held = len(ids) // K
+    known[:held], known_mask[:held] = prompt_z[:held], True
+    return ids, known_mask, known, prompt_z
+
+  def sample_batch(self, requests, num_chunks: int, steps: int | None = None,
+                   noise_scale: float | None = None, pad_to: int = 0
+                   ) -> list[np.ndarray]:
+    """Token ids [n, N·K] for each of several requests (n, seed, prompt), drawn in
+    one batch (a chunk generator, argmax decoding) padded to `pad_to` rows: each is
+    what `sample(n, num_chunks, steps, seed, prompt, noise_scale=…)` gives (to the
+    last bit where the batch has n rows; else to float rounding, ~1e-6 in the
+    latents). Prompts end at a chunk boundary (`chunk_generation.sample_rows`)."""
+    steps = self.config.sample.steps if steps is None else steps
+    noise_scale = self.config.sample.noise_scale if noise_scale is None else noise_scale
+    rows, sizes = [], []
+    for n, seed, prompt in requests:
+      ids, known_mask, _, prompt_z = self._prompt(prompt, num_chunks)
+      rows += [(seed, i, ids, known_mask, prompt_z) for i in range(n)]
+      sizes.append(n)
+    _, tokens = chunk_generation.sample_rows(self, rows, num_chunks, steps, noise_scale,
+                                             (0.0, 0, 1.0), pad_to)
+    return np.split(tokens, np.cumsum(sizes)[:-1])
 
   def generate(self, num_samples: int = 1, num_chunks: int | None = None,
                steps: int | None = None, seed: int = 0, prompt: str | None = None,
