@@ -1,12 +1,13 @@
-"""Load test of the HTTP server: `python -m tokcom_jax.serve` started on 127.0.0.1,
-then 1, 8 and 32 concurrent clients, each sending streamed completions until the
-round's requests are done; p50 / p99 latency, time to the first chunk, tokens/s and
-errors per round.
+"""Load test of the HTTP server: `python -m tokcom_jax.serve` started on 127.0.0.1
+with batching (`--max_batch 32`) and without (`--max_batch 1`), then 1, 8 and 32
+concurrent clients, each sending streamed completions (each its own seed) until the
+round's requests are done; p50 / p99 latency, time to the first chunk, tokens/s
+(completion tokens the server reports) and errors per round.
 
     python benchmarks/serve_load.py --workdir runs/tiny/diffusion --requests 64
 
-One JSON line per concurrency. Requests run one at a time on the server (one model,
-one device): latency grows with clients while throughput stays that of one stream.
+One JSON line per (batching, clients). Before the rounds, one unrecorded round at the
+largest concurrency compiles the batch sizes it meets.
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ def free_port() -> int:
 
 def one(base: str, body: dict) -> tuple[float, float, int]:
   """(seconds to the first chunk, seconds to the end, completion tokens)."""
-  start, first, text = time.perf_counter(), None, []
-  with httpx.stream('POST', base + '/v1/completions', json={**body, 'stream': True},
-                    timeout=600) as response:
+  start, first, tokens = time.perf_counter(), None, 0
+  with httpx.stream('POST', base + '/v1/completions',
+                    json={**body, 'stream': True, 'stream_options': {
+                        'include_usage': True}}, timeout=600) as response:
     response.raise_for_status()
     for line in response.iter_lines():
       if not line.startswith('data: ') or line == 'data: [DONE]':
         continue
-      first = first or time.perf_counter()
-      text.append(json.loads(line[6:])['choices'][0]['text'])
-  return first - start, time.perf_counter() - start, body['max_tokens']
+      event = json.loads(line[6:])
+      if event.get('usage'):
+        tokens = event['usage']['completion_tokens']
+      if event['choices']:
+        first = first or time.perf_counter()
+  return first - start, time.perf_counter() - start, tokens
 
 
 def round_of(base: str, clients: int, requests: int, body: dict) -> dict:
@@ -77,33 +82,44 @@ def round_of(base: str, clients: int, requests: int, body: dict) -> dict:
           'device': common.device_name()}
 
 
+def serve(workdir: str, max_batch: int):
+  """(server process, base URL) once it answers."""
+  port = free_port()
+  server = subprocess.Popen(
+      [sys.executable, '-m', 'tokcom_jax.serve', f'--workdir={workdir}',
+       f'--port={port}', f'--max_batch={max_batch}'], cwd=REPO, stdout=subprocess.PIPE,
+      text=True)
+  print(server.stdout.readline().strip(), file=sys.stderr)  # compiled in … s
+  base = f'http://127.0.0.1:{port}'
+  while True:  # the port opens just after the line
+    try:
+      httpx.get(base + '/health', timeout=5)
+      return server, base
+    except httpx.TransportError:
+      assert server.poll() is None, 'the server exited'
+      time.sleep(0.1)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--workdir', default='runs/tiny/diffusion')
   p.add_argument('--clients', default='1,8,32')
   p.add_argument('--requests', type=int, default=64, help='per round')
   p.add_argument('--max_tokens', type=int, default=32)
+  p.add_argument('--prompt', default='', help='(whole chunks: batched)')
+  p.add_argument('--max_batch', default='32,1', help='server settings to compare')
   args = p.parse_args()
-  port = free_port()
-  server = subprocess.Popen(
-      [sys.executable, '-m', 'tokcom_jax.serve', f'--workdir={args.workdir}',
-       f'--port={port}'], cwd=REPO, stdout=subprocess.PIPE, text=True)
-  try:
-    print(server.stdout.readline().strip(), file=sys.stderr)  # compiled in … s
-    base = f'http://127.0.0.1:{port}'
-    while True:  # the port opens just after the line
-      try:
-        httpx.get(base + '/health', timeout=5)
-        break
-      except httpx.TransportError:
-        time.sleep(0.1)
-    body = {'prompt': 'import os\n', 'max_tokens': args.max_tokens}
-    one(base, {**body, 'seed': 0})  # warm
-    for clients in map(int, args.clients.split(',')):
-      common.emit(round_of(base, clients, args.requests, body))
-  finally:
-    server.terminate()
-    server.wait(timeout=60)
+  body = {'prompt': args.prompt, 'max_tokens': args.max_tokens}
+  clients = [int(c) for c in args.clients.split(',')]
+  for max_batch in map(int, args.max_batch.split(',')):
+    server, base = serve(args.workdir, max_batch)
+    try:
+      round_of(base, max(clients), args.requests, body)  # compiles, not recorded
+      for c in clients:
+        common.emit({**round_of(base, c, args.requests, body), 'max_batch': max_batch})
+    finally:
+      server.terminate()
+      server.wait(timeout=60)
 
 
 if __name__ == '__main__':

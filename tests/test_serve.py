@@ -5,9 +5,18 @@ streamed chunks against the whole answer, and every bounded field refused with a
 import concurrent.futures
 import contextlib
 import dataclasses
+import html.parser
 import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -55,7 +64,7 @@ def post(base, path, body, **kwargs):
 
 def test_health_and_the_model_card_with_its_limits(tokcom):
   base, backend = tokcom
-  assert httpx.get(base + '/health').json() == {'status': 'ok'}
+  assert httpx.get(base + '/health').json() == {'status': 'ok', 'completions_in_flight': 0}
   card = httpx.get(base + '/v1/models').json()['data'][0]
   assert card['kind'] == 'tokcom' and card['chunk_size'] == 4
   assert card['limits']['max_tokens'] == 24 and card['limits']['max_n'] == 3
@@ -89,6 +98,13 @@ def test_a_completion_is_the_sampler_s_text_and_streams_in_chunks(tokcom):
     pieces = [e['choices'][0]['text'] for e in events if e['choices'][0]['index'] == i]
     assert ''.join(pieces) == choice['text'] and len(pieces) >= 2
   assert len(events) >= 4
+  # With stream_options.include_usage, a last event carries the usage (OpenAI's).
+  with httpx.stream('POST', base + '/v1/completions', timeout=120, json={
+      **body, 'stream': True, 'stream_options': {'include_usage': True}}) as response:
+    lines = [l for l in response.iter_lines() if l]
+  assert lines[-1] == 'data: [DONE]'
+  last = json.loads(lines[-2][len('data: '):])
+  assert last['choices'] == [] and last['usage'] == out['usage']
 
 
 def test_reconstruct_encode_and_decode(tokcom):
@@ -201,3 +217,115 @@ def test_the_batcher_keeps_keys_apart_and_hands_errors_to_their_batch():
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     bad = [pool.submit(batcher.submit, 'bad', 1, i) for i in range(3)]
     assert all(isinstance(f.exception(), ValueError) for f in bad)
+
+
+class _Chunks(html.parser.HTMLParser):
+  """The texts of the page's <span class="chunk"> elements, and <body>'s state."""
+
+  def __init__(self):
+    super().__init__()
+    self.chunks, self.state, self._in_chunk = [], None, False
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == 'body':
+      self.state = attrs.get('data-state')
+    if tag == 'span' and attrs.get('class') == 'chunk':
+      self._in_chunk = True
+      self.chunks.append('')
+
+  def handle_endtag(self, tag):
+    self._in_chunk = self._in_chunk and tag != 'span'
+
+  def handle_data(self, data):
+    if self._in_chunk:
+      self.chunks[-1] += data
+
+
+def chromium(scratch, corpus):
+  """Debian's chromium, or None. In CI, `.ci/run` installs it while the suite runs:
+  it is waited for (up to 10 minutes)."""
+  deadline = time.monotonic() + (600 if os.environ.get('CI') else 0)
+  while shutil.which('chromium') is None and time.monotonic() < deadline:
+    time.sleep(2)
+  return shutil.which('chromium')
+
+
+@pytest.mark.background(job=chromium)
+def test_the_playground_page_streams_a_completion_in_a_headless_browser(
+    tokcom, tmp_path, background):
+  """Debian's chromium opens `/` with the form filled and Generate pressed (the
+  page's ?…&generate=1), runs its script to the end of the stream, and the page's
+  chunks are the completion's."""
+  browser = background(chromium)
+  if browser is None:
+    assert not os.environ.get('CI'), '.ci/run installs chromium: it did not'
+    pytest.skip('no chromium here: apt-get install chromium')
+  base, _ = tokcom
+  page = httpx.get(base + '/')
+  assert page.status_code == 200 and '<button id="generate"' in page.text
+  query = urllib.parse.urlencode({'prompt': 'import os\n', 'max_tokens': 12, 'seed': 3,
+                                  'steps': 4, 'generate': 1})
+  out = subprocess.run(
+      [browser, '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic',
+       '--no-first-run', '--disable-background-networking', '--disable-component-update',
+       '--disable-sync', f'--user-data-dir={tmp_path}', '--virtual-time-budget=60000',
+       '--dump-dom', f'{base}/?{query}'], capture_output=True, text=True, timeout=120)
+  dom = _Chunks()
+  dom.feed(out.stdout)
+  assert dom.state == 'done', out.stdout[-3000:] + out.stderr[-2000:]
+  want = post(base, '/v1/completions', {'prompt': 'import os\n', 'max_tokens': 12,
+                                         'seed': 3, 'steps': 4}).json()
+  assert ''.join(dom.chunks) == want['choices'][0]['text']
+  assert len(dom.chunks) >= 2  # streamed as chunks, each its own element
+
+
+def test_the_readme_commands_work_and_sigterm_answers_the_request_in_flight(head_run_dir):
+  """`python -m tokcom_jax.serve` on the micro chunk generator: the line it prints,
+  the README's curl commands as written (on its port), then SIGTERM while a long
+  completion is in flight: that completion is answered, and the server exits 0."""
+  from tests import test_readme
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, '-m', 'tokcom_jax.serve',
+                           f'--workdir={head_run_dir}', f'--port={port}'],
+                          cwd=test_readme.REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    first = proc.stdout.readline()
+    assert re.fullmatch(rf'\S+: compiled in \d+\.\d s; serving on http://127\.0\.0\.1:{port}\n',
+                        first), (first, proc.stderr.read()[-3000:] if proc.poll() else '')
+    base = f'http://127.0.0.1:{port}'
+    while True:  # the port opens just after the line
+      try:
+        assert httpx.get(base + '/health').json()['completions_in_flight'] == 0
+        break
+      except httpx.TransportError:
+        time.sleep(0.05)
+    (block,) = test_readme.marked_blocks('<!-- tested against a server -->', 'bash')
+    for line in test_readme.commands(block):
+      out = subprocess.run(['bash', '-c', line.replace('localhost:8000', f'localhost:{port}')],
+                           capture_output=True, text=True, timeout=120)
+      assert out.returncode == 0 and out.stdout, (line, out.stderr)
+      if '"stream": true' in line:
+        assert out.stdout.rstrip().endswith('data: [DONE]'), out.stdout
+      else:
+        assert 'error' not in json.loads(out.stdout), out.stdout
+    # A long completion (alone: temperature > 0), SIGTERM once it is in flight.
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(response=httpx.post(
+        base + '/v1/completions', timeout=300, json={
+            'max_tokens': 28, 'n': 16, 'steps': 1000, 'temperature': 0.5})))
+    request.start()
+    while httpx.get(base + '/health').json()['completions_in_flight'] == 0:
+      assert request.is_alive()
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    request.join()
+    response = answer['response']
+    assert response.status_code == 200 and len(response.json()['choices']) == 16
+    assert proc.wait(timeout=120) == 0
+  finally:
+    proc.kill()
+    proc.wait()

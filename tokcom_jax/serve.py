@@ -1,6 +1,6 @@
 """Serve a trained run over HTTP: OpenAI-style completions (whole, or streamed one
 chunk at a time as server-sent events), the VAE's reconstruct / encode / decode, the
-model card with its limits, and a health check.
+model card with its limits, a health check, and a playground page at `/`.
 
     python -m tokcom_jax.serve --workdir runs/tiny/diffusion [--host 127.0.0.1] [--port 8000]
 
@@ -24,7 +24,9 @@ requests in flight finish, then exits 0 (uvicorn's graceful shutdown).
 import contextlib
 import dataclasses
 import json
+import pathlib
 import signal
+import threading
 import time
 from typing import Any, Iterator
 
@@ -33,11 +35,18 @@ import numpy as np
 from tokcom_jax.errors import SamplingError
 from tokcom_jax.inference.completions import Backend, Limits, RequestError, check
 
+# The page at `/`: a prompt, the sampling settings, the completion streamed in.
+PLAYGROUND = pathlib.Path(__file__).with_name('playground.html')
+
 
 # ------------------------------------------------------------------ the HTTP app
 
 def _schemas():
   from pydantic import BaseModel, ConfigDict
+
+  class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra='forbid', strict=True)
+    include_usage: bool = False  # a last event with the usage, as OpenAI's
 
   class Completion(BaseModel):
     model_config = ConfigDict(extra='forbid', strict=True)
@@ -49,6 +58,7 @@ def _schemas():
     n: int = 1
     seed: int = 0
     stream: bool = False
+    stream_options: StreamOptions | None = None
     steps: int | None = None
     noise_scale: float | None = None
     model: str | None = None  # accepted as OpenAI clients send it; one model here
@@ -68,7 +78,7 @@ def create_app(backend: Backend):
   """The FastAPI app over one Backend."""
   from fastapi import FastAPI, Request
   from fastapi.exceptions import RequestValidationError
-  from fastapi.responses import JSONResponse, StreamingResponse
+  from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
   Completion, Text, Latents = _schemas()
   app = FastAPI(title='tokcom_jax', docs_url=None, redoc_url=None)
 
@@ -106,9 +116,16 @@ def create_app(backend: Backend):
     with backend.lock:
       return fn(*args)
 
+  @app.get('/', response_class=HTMLResponse)
+  def playground():
+    return PLAYGROUND.read_text(encoding='utf-8')
+
+  in_flight = [0]  # completions being answered
+  count = threading.Lock()
+
   @app.get('/health')
   def health():
-    return {'status': 'ok'}
+    return {'status': 'ok', 'completions_in_flight': in_flight[0]}
 
   @app.get('/v1/models')
   def models():
@@ -117,13 +134,19 @@ def create_app(backend: Backend):
   @app.post('/v1/completions')
   def completions(body: Completion):
     req = check(body.model_dump(), backend)
-    result = backend.complete(req)  # batched with others where it can be
+    with count:
+      in_flight[0] += 1
+    try:
+      result = backend.complete(req)  # batched with others where it can be
+    finally:
+      with count:
+        in_flight[0] -= 1
     created, rid = int(time.time()), f'cmpl-{time.time_ns():x}'
     head = {'id': rid, 'object': 'text_completion', 'created': created,
             'model': backend.workdir}
+    usage = {**result['usage'], 'total_tokens': sum(result['usage'].values())}
     if not req['stream']:
-      return {**head, 'usage': {**result['usage'], 'total_tokens': sum(
-          result['usage'].values())}, 'choices': [
+      return {**head, 'usage': usage, 'choices': [
               {'index': i, 'text': text, 'finish_reason': reason, 'logprobs': None}
               for i, (text, reason, _) in enumerate(result['choices'])]}
 
@@ -134,6 +157,8 @@ def create_app(backend: Backend):
           yield 'data: ' + json.dumps({**head, 'choices': [
               {'index': i, 'text': piece, 'logprobs': None,
                'finish_reason': reason if last else None}]}) + '\n\n'
+      if (req['stream_options'] or {}).get('include_usage'):
+        yield 'data: ' + json.dumps({**head, 'choices': [], 'usage': usage}) + '\n\n'
       yield 'data: [DONE]\n\n'
     return StreamingResponse(events(), media_type='text/event-stream')
 
