@@ -20,7 +20,8 @@ demo: $(VENV)/.installed
 	python sample.py
 	python -m tokcom_jax.evaluate --workdir runs/tiny/diffusion
 	@echo
-	@echo 'Results: runs/tiny/vae (stage 1) and runs/tiny/diffusion (stage 2): metrics.jsonl, samples.jsonl, checkpoints/;'
+	@echo 'Results: runs/tiny/vae (stage 1) and runs/tiny/diffusion (stage 2, its flow-matching teacher in teacher/):'
+	@echo '         metrics.jsonl, samples.jsonl, checkpoints/;'
 	@echo '         runs/tiny/diffusion/eval.json and runs/tiny/diffusion/plots/*.png (the evaluation printed above).'
 
 test: $(VENV)/.installed

@@ -72,7 +72,7 @@ def _stage(run: str) -> str | None:
 def latest_diffusion_run(root: str = 'runs') -> str:
   runs = [os.path.dirname(d) for d in glob.glob(os.path.join(root, '**', 'checkpoints'),
                                                 recursive=True)]
-  runs = [r for r in runs if _stage(r) == 'diffusion']
+  runs = [r for r in runs if _stage(r) in ('diffusion', 'reflow')]  # a stage-2 run
   if not runs:
     from tokcom_jax.errors import CheckpointError
     raise CheckpointError(f'no trained diffusion run under {root}/: train one'

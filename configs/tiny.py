@@ -45,9 +45,10 @@ def get_config(arg: str | None = None):
   # The best generation recipe measured on this config (benchmarks/RESULTS.md, "The
   # chunk generator"): a trunk over chunks run once per chunk, reading the latent of
   # the chunk before, and a small flow head (x1 prediction, 3 blocks of 256; the
-  # `head` section's other defaults) drawing each latent in 8 Euler steps from 0.35
-  # of the noise, on standardized latents with noise at their own scale, MSE flow
-  # matching; the VAE's prior is the same generator (reading tokens). The DiT recipe
+  # `head` section's other defaults) drawing each latent from 0.35 of the noise, on
+  # standardized latents with noise at their own scale, MSE flow matching, then
+  # reflowed (below) to draw it in `sample.steps` Euler steps; the VAE's prior is
+  # the same generator (reading tokens). The DiT recipe
   # before it: `order=chunkwise,self_condition=True,noise_scale=0.5,steps=50`;
   # `recipe=v52` the original (VAE, flow, sampler).
   config.flow.update(dict(standardize=True, noise_std=1.0, ce_weight=0.0,

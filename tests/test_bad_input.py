@@ -540,15 +540,24 @@ def test_a_broken_config_file_is_one_line_before_absl_runs_it(tmp_path, source, 
 
 
 def test_the_latest_run_search_skips_an_unreadable_config_with_a_warning(tmp_path):
-  for name, config in (('good', '{"stage": "diffusion"}'), ('torn', '{"stage": "dif')):
-    (tmp_path / name / 'checkpoints').mkdir(parents=True)
-    (tmp_path / name / 'config.json').write_text(config)
-  out = subprocess.run(
+  latest = lambda: subprocess.run(
       [sys.executable, '-c', 'import sys, sample; print(sample.latest_diffusion_run(sys.argv[1]))',
        str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+  for i, (name, config) in enumerate((('good', '{"stage": "diffusion"}'),
+                                      ('torn', '{"stage": "dif'))):
+    (tmp_path / name / 'checkpoints').mkdir(parents=True)
+    (tmp_path / name / 'config.json').write_text(config)
+    os.utime(tmp_path / name / 'checkpoints', (1000 + i, 1000 + i))
+  out = latest()
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == str(tmp_path / 'good')
   assert 'skipping' in out.stderr and 'torn' in out.stderr
+  # Stage 2 with reflow: the reflowed run, not its teacher inside it.
+  for name, stage, when in (('two/teacher', 'diffusion', 2000), ('two', 'reflow', 3000)):
+    (tmp_path / name / 'checkpoints').mkdir(parents=True)
+    (tmp_path / name / 'config.json').write_text(f'{{"stage": "{stage}"}}')
+    os.utime(tmp_path / name / 'checkpoints', (when, when))
+  assert latest().stdout.strip() == str(tmp_path / 'two')
 
 
 def test_a_stage_2_run_on_the_wrong_vae_is_named_for_what_it_is(runs, ar_run):

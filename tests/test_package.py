@@ -4,6 +4,7 @@ files only."""
 
 import ast
 import pathlib
+import re
 
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'tokcom_jax'
@@ -128,3 +129,13 @@ def test_files_stay_short():
   long = {module_name(p): n for p in PACKAGE.rglob('*.py')
           if (n := len(p.read_text().splitlines())) > MAX_LINES}
   assert not long, long
+
+
+def test_the_readme_layout_names_every_module():
+  readme = (PACKAGE.parent / 'README.md').read_text()
+  layout = readme.split('\n## Layout\n', 1)[1].split('\n## ', 1)[0]
+  named = set(re.findall(r'^\s*(?:tokcom_jax/)?(\S+\.(?:py|html))\s', layout, re.M))
+  files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob('*')
+           if p.suffix in ('.py', '.html') and p.name != '__init__.py'
+           and '__pycache__' not in p.parts}
+  assert files - named == set(), 'modules the README layout leaves out'
