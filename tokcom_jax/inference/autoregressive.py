@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tokcom_jax import stages
 from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
-from tokcom_jax.models import lm
+from tokcom_jax.models import lm, static
 
 
 class AutoregressiveLM:
@@ -35,6 +35,7 @@ class AutoregressiveLM:
         config, tokenizer, params, workdir)
     self.graphdef = nnx.graphdef(nnx.eval_shape(
         lambda: stages.get(config, 'ar').build(nnx.Rngs(0))))
+    self.static_graphdef = static.Static(self.graphdef)  # hashed by identity
     self.max_length = config.max_length
     self.eos = tokenizer.eos_token_id
 
@@ -64,7 +65,7 @@ class AutoregressiveLM:
       B = min(batch_size, num_samples - first)
       buffer = np.full((B, self.max_length), self.eos, np.int32)
       buffer[:, 1:1 + P] = prompt_ids
-      tokens = lm.generate(self.graphdef, self.params, buffer, 1 + P,
+      tokens = lm.generate(self.static_graphdef, self.params, buffer, 1 + P,
                            jax.random.fold_in(jax.random.key(seed), first),
                            max_new_tokens=num_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p)

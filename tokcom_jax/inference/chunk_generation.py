@@ -16,7 +16,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from tokcom_jax.inference.autoregressive import batch_starts
-from tokcom_jax.models import flow, samplers
+from tokcom_jax.models import flow, samplers, static
 from tokcom_jax.models.decoding import choose_tokens
 
 Array = jax.Array
@@ -83,7 +83,7 @@ def sample_rows(model, rows, N, steps, noise_scale, choosing, pad_to: int = 0
 def _call(model, seeds_B, index_B, noise_scale, arrays, steps, *, guide, choosing,
           prompted, progress):
   return _draw(
-      model.dit_graphdef, model.vae_graphdef, model.config.flow.sample_shift,
+      *model.static_graphdefs, model.config.flow.sample_shift,
       model.dit_params, model.vae_params, seeds_B, index_B,
       np.float32(model.config.flow.noise_std * noise_scale), *arrays,
       steps=int(steps), guide=guide, choosing=tuple(choosing), prompted=prompted,
@@ -125,8 +125,8 @@ def _sample(dit_graphdef, vae_graphdef, shift, dit_params, vae_params, x0_BNZ, s
             temperature, top_k, top_p, prompted, progress=False):
   """Latents (VAE units) and tokens; with `guide`, the chunk the prompt ends inside
   is drawn under guidance toward its known tokens (`samplers.prefix_guidance`)."""
-  model = nnx.merge(dit_graphdef, dit_params)
-  vae = nnx.merge(vae_graphdef, vae_params)
+  model = nnx.merge(static.graphdef(dit_graphdef), dit_params)
+  vae = nnx.merge(static.graphdef(vae_graphdef), vae_params)
   B, N, _ = x0_BNZ.shape
   K = prompt_BL.shape[1] // N
 

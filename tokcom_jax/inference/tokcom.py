@@ -29,7 +29,7 @@ from tokcom_jax.data.tokenizer import ids_text, text_ids
 from tokcom_jax.errors import SamplingError
 from tokcom_jax.inference import chunk_generation
 from tokcom_jax.inference.autoregressive import batch_starts, check_counts
-from tokcom_jax.models import flow, samplers
+from tokcom_jax.models import flow, samplers, static
 from tokcom_jax.models.decoding import choose_tokens
 
 Array = jax.Array
@@ -51,6 +51,9 @@ class TokCom:
     self.vae_params, self.dit_params = vae_params, dit_params
     if dit_params is not None:
       self.dit_graphdef = graphdef(config, 'diffusion')
+      # What compiled samplers take as static arguments: hashed by identity.
+      self.static_graphdefs = (static.Static(self.dit_graphdef),
+                               static.Static(self.vae_graphdef))
     self.chunk_size = config.chunk_size
     self.max_chunks = config.max_length // config.chunk_size
     self.latent_dim = config.vae.latent_dim

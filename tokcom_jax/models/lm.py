@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tokcom_jax.models import axes, layers, stacks
+from tokcom_jax.models import axes, layers, stacks, static
 from tokcom_jax.models.decoding import choose_tokens
 
 Array = jax.Array
@@ -129,7 +129,7 @@ def generate(graphdef: nnx.GraphDef, params: nnx.State, buffer_BS: Array,
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
 def _generate(graphdef, params, buffer_BS, prompt_len, max_new_tokens, key,
               temperature, top_k, top_p):
-  model = stacks.as_loop(nnx.merge(graphdef, params))
+  model = stacks.as_loop(nnx.merge(static.graphdef(graphdef), params))
   B, S = buffer_BS.shape
   start = jnp.clip(prompt_len, 1, S)
   end = jnp.clip(start + jnp.maximum(max_new_tokens, 0), start, S)
