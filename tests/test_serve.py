@@ -128,6 +128,19 @@ def test_reconstruct_encode_and_decode(tokcom):
     ({'seed': -1}, 400, 'seed'),
     ({'max_tokens': '5'}, 400, 'max_tokens'),  # a string, not a number
     ({'colour': 'red'}, 400, 'colour'),  # unknown
+    ({'n': 0}, 400, 'n'),
+    ({'steps': 0}, 400, 'steps'),
+    ({'seed': 2**32}, 400, 'seed'),
+    ({'top_k': -1}, 400, 'top_k'),
+    ({'top_p': 1.5}, 400, 'top_p'),
+    ({'temperature': -0.5}, 400, 'temperature'),
+    ({'temperature': 101}, 400, 'temperature'),
+    ({'noise_scale': 0}, 400, 'noise_scale'),
+    ({'noise_scale': 11}, 400, 'noise_scale'),
+    ({'max_tokens': 1.5}, 400, 'max_tokens'),  # a float where an integer goes
+    ({'prompt': 5}, 400, 'prompt'),
+    ({'stream': 'yes'}, 400, 'stream'),
+    ({'stream_options': {'usage': True}}, 400, 'stream_options'),  # unknown inside
 ])
 def test_every_bounded_or_wrong_field_is_refused_by_name(tokcom, body, status, param):
   base, _ = tokcom
