@@ -4,7 +4,7 @@ concurrent clients, each sending streamed completions (each its own seed) until 
 round's requests are done; p50 / p99 latency, time to the first chunk, tokens/s
 (completion tokens the server reports) and errors per round.
 
-    python benchmarks/serve_load.py --workdir runs/tiny/diffusion --requests 64
+    python benchmarks/serve_load.py --workdir runs/tiny/diffusion --requests 256
 
 One JSON line per (batching, clients). Before the rounds, one unrecorded round at the
 largest concurrency compiles the batch sizes it meets.
@@ -49,7 +49,8 @@ def one(base: str, body: dict) -> tuple[float, float, int]:
         tokens = event['usage']['completion_tokens']
       if event['choices']:
         first = first or time.perf_counter()
-  return first - start, time.perf_counter() - start, tokens
+  end = time.perf_counter()
+  return (first or end) - start, end - start, tokens  # an empty completion: no chunk
 
 
 def round_of(base: str, clients: int, requests: int, body: dict) -> dict:
@@ -82,12 +83,13 @@ def round_of(base: str, clients: int, requests: int, body: dict) -> dict:
           'device': common.device_name()}
 
 
-def serve(workdir: str, max_batch: int):
+def serve(workdir: str, max_batch: int, max_tokens: int):
   """(server process, base URL) once it answers."""
   port = free_port()
   server = subprocess.Popen(
       [sys.executable, '-m', 'tokcom_jax.serve', f'--workdir={workdir}',
-       f'--port={port}', f'--max_batch={max_batch}'], cwd=REPO, stdout=subprocess.PIPE,
+       f'--port={port}', f'--max_batch={max_batch}', f'--warm_tokens={max_tokens}'],
+      cwd=REPO, stdout=subprocess.PIPE,
       text=True)
   print(server.stdout.readline().strip(), file=sys.stderr)  # compiled in … s
   base = f'http://127.0.0.1:{port}'
@@ -104,15 +106,15 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--workdir', default='runs/tiny/diffusion')
   p.add_argument('--clients', default='1,8,32')
-  p.add_argument('--requests', type=int, default=64, help='per round')
-  p.add_argument('--max_tokens', type=int, default=32)
+  p.add_argument('--requests', type=int, default=256, help='per round')
+  p.add_argument('--max_tokens', type=int, default=64)
   p.add_argument('--prompt', default='', help='(whole chunks: batched)')
   p.add_argument('--max_batch', default='32,1', help='server settings to compare')
   args = p.parse_args()
   body = {'prompt': args.prompt, 'max_tokens': args.max_tokens}
   clients = [int(c) for c in args.clients.split(',')]
   for max_batch in map(int, args.max_batch.split(',')):
-    server, base = serve(args.workdir, max_batch)
+    server, base = serve(args.workdir, max_batch, args.max_tokens)
     try:
       round_of(base, max(clients), args.requests, body)  # compiles, not recorded
       for c in clients:
