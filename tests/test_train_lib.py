@@ -223,6 +223,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(corpus, vae_run, tmp_
   assert os.listdir(workdir / 'checkpoints') == ['6']
 
 
+@pytest.mark.slow  # stage 2 trained in process, then sampled
 def test_stage2_recipe_standardizes_with_measured_statistics(corpus, vae_run, tmp_path):
   """The flow model's latent statistics are the per-dimension mean and std of the
   frozen encoder's latents on the first training batches, kept in its checkpoint;
