@@ -320,3 +320,25 @@ def test_shortcut_loss_targets_two_half_steps_and_the_flow_at_the_finest_size():
   expected = np.mean(np.where(two_d == 2 / S, two_d, two_d / 2) ** 2)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(expected, (1 / 4 + 1 / 16 + 1 / 16) / 3, rtol=0.02)
+
+
+def test_stage_two_with_reflow_is_a_teacher_run_then_a_reflow_run(caplog):
+  import os
+
+  from configs import tiny
+  from tokcom_jax import stages
+  (vae, vae_dir), (two, two_dir) = stages.phases(tiny.get_config('all'), 'r')
+  assert (vae.stage, vae_dir, two.stage, two_dir) == (
+      'vae', os.path.join('r', 'vae'), 'diffusion', os.path.join('r', 'diffusion'))
+  assert two.vae_workdir == vae_dir
+  (teacher, teacher_dir), (student, student_dir) = stages.phases(two, two_dir)
+  assert teacher_dir == os.path.join(two_dir, 'teacher') and student_dir == two_dir
+  assert teacher.stage == 'diffusion' and teacher.train.reflow.num_steps == 0
+  assert teacher.sample.steps == teacher.reflow.teacher_steps == 16
+  assert student.stage == 'reflow' and student.teacher_workdir == teacher_dir
+  assert student.sample.steps == 1 and student.train.reflow.num_steps == 600
+  # No flow head to reflow: one run, and a warning says so.
+  chunkwise = tiny.get_config('diffusion,flow.order=chunkwise')
+  with caplog.at_level('WARNING'):
+    assert stages.phases(chunkwise, 'w') == [(chunkwise, 'w')]
+  assert 'no flow head to reflow' in caplog.text

@@ -15,6 +15,7 @@ teacher's run beside it is a complete run too (`sample.py --workdir
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -40,6 +41,12 @@ def phases(config, workdir: str) -> list[tuple[ml_collections.ConfigDict, str]]:
   alone, or with reflow the teacher's run (sampling in `reflow.teacher_steps`) in
   `<workdir>/teacher`, then the reflow run in `<workdir>`."""
   if config.stage != 'diffusion' or not enabled(config):
+    if config.stage == 'diffusion' and (config.train.reflow.num_steps
+                                        or config.train.reflow.epochs):
+      logging.warning('train.reflow.num_steps=%d: stage 2 has no flow head to reflow'
+                      ' (flow.order=%s, head.kind=%s): it trains without reflow.',
+                      config.train.reflow.num_steps, config.flow.order,
+                      config.head.kind)
     return [(config, workdir)]
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   teacher = ml_collections.ConfigDict(config.to_dict())
