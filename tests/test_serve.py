@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import warnings
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_a_burst_of_requests_is_one_batch_and_each_gets_its_own_answer(generator
   before = list(backend.batcher.batches)
   with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
     answers = list(pool.map(lambda b: post(base, '/v1/completions', b).json(), bodies))
-  assert backend.batcher.batches[len(before):] == [8]  # the 5 requests, one call
+  assert list(backend.batcher.batches)[len(before):] == [8]  # the 5 requests, one call
   model = backend.model
   for (n, seed), answer in zip(BURST, answers):
     _, alone = model.sample(n, num_chunks=3, seed=seed)  # what sample.py gives
@@ -226,7 +227,7 @@ def test_the_batcher_keeps_keys_apart_and_hands_errors_to_their_batch():
     results = [f.result() for f in futures]
   assert results == ['a:1', 'b:2', 'a:3', 'b:4', 'a:5', 'b:6']
   assert sorted((k, sorted(i)) for k, i in calls) == [('a', [1, 3, 5]), ('b', [2, 4, 6])]
-  assert batcher.batches == [3, 3]
+  assert list(batcher.batches) == [3, 3]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     bad = [pool.submit(batcher.submit, 'bad', 1, i) for i in range(3)]
     assert all(isinstance(f.exception(), ValueError) for f in bad)
@@ -270,13 +271,19 @@ def test_the_playground_page_streams_a_completion_in_a_headless_browser(
   """Debian's chromium opens `/` with the form filled and Generate pressed (the
   page's ?…&generate=1), runs its script to the end of the stream, and the page's
   chunks are the completion's."""
-  browser = background(chromium)
-  if browser is None:
-    assert not os.environ.get('CI'), '.ci/run installs chromium: it did not'
-    pytest.skip('no chromium here: apt-get install chromium')
   base, _ = tokcom
   page = httpx.get(base + '/')
   assert page.status_code == 200 and '<button id="generate"' in page.text
+  # Every setting on the page is a field of the completions request.
+  fields = set(re.findall(r'<(?:input|textarea) id="(\w+)"', page.text))
+  assert fields == {'prompt', 'max_tokens', 'seed', 'temperature', 'top_k', 'top_p',
+                    'steps', 'noise_scale'}
+  assert fields <= set(serve._schemas()[0].model_fields)
+  browser = background(chromium)
+  if browser is None:  # the rest needs a browser: .ci/run installs one
+    assert not os.environ.get('CI'), '.ci/run installs chromium: it did not'
+    warnings.warn('no chromium here (apt-get install chromium): the page was not run')
+    return
   query = urllib.parse.urlencode({'prompt': 'import os\n', 'max_tokens': 12, 'seed': 3,
                                   'steps': 4, 'generate': 1})
   out = subprocess.run(

@@ -37,7 +37,8 @@ class Batcher:
     self.run, self.lock = run, lock
     self.max_rows, self.max_wait_s = max_rows, max_wait_s
     self._queue: queue.Queue = queue.Queue()
-    self.batches: list[int] = []  # rows of each batch run (what the load test reads)
+    # Rows of the latest batches run (a long-running server keeps the last 1024).
+    self.batches: collections.deque[int] = collections.deque(maxlen=1024)
     threading.Thread(target=self._loop, name='batcher', daemon=True).start()
 
   def submit(self, key: Hashable, rows: int, item: Any) -> Any:
