@@ -226,6 +226,9 @@ def test_stage_two_with_reflow_trains_the_teacher_then_its_head_alone(head_run):
   changed = [jax.tree_util.keystr(k) for k in ours
              if not np.array_equal(ours[k], theirs[k])]
   assert changed and all(k.startswith("['head']") for k in changed), changed
+  # The run resumes: its optimizer state (moments for the head only) reads back.
+  from tokcom_jax.training import trainer as trainer_lib
+  assert trainer_lib.Trainer(head_run.config, head_run.workdir)._restore() == 4
 
 
 @pytest.mark.slow

@@ -198,9 +198,9 @@ def warm_up(backend: Backend, max_tokens=(16,)) -> float:
                   backend)
       backend.complete(req)
       rows = 2
-      while backend.batcher and rows <= backend.limits.max_batch:
-        backend.model.sample_batch([(rows, 0, None)], -(-T // backend.chunk_size),
-                                   pad_to=rows)
+      while backend.batcher and rows <= backend.limits.max_batch:  # as batches run
+        backend._complete_batch((-(-T // backend.chunk_size), None, None, False),
+                                [{**req, 'n': rows}])
         rows *= 2
   return time.perf_counter() - start
 

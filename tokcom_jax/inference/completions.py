@@ -45,14 +45,15 @@ class Backend:
     self.chunk_size = model.config.chunk_size
     self.context = model.config.max_length - (1 if self.is_ar else 0)
     self.lock = threading.Lock()  # one request on the device at a time
-    cfg = getattr(model, '_flow_cfg', None)
     # Batched, a TokCom chunk generator's sample is the one it draws alone (its noise
     # keyed by (seed, index)); argmax decoding only, whole-chunk prompts only.
-    self.batchable = (not self.is_ar and cfg is not None and cfg.order == 'head'
-                      and model.config.head.kind == 'flow' and limits.max_batch > 1)
+    c = model.config
+    batchable = (not self.is_ar and model.dit_params is not None
+                 and c.flow.order == 'head' and c.head.kind == 'flow'
+                 and limits.max_batch > 1)
     self.batcher = batching.Batcher(
         self._complete_batch, self.lock, limits.max_batch,
-        limits.batch_wait_ms / 1e3) if self.batchable else None
+        limits.batch_wait_ms / 1e3) if batchable else None
 
   def card(self) -> dict:
     kind = 'ar' if self.is_ar else ('tokcom' if self.model.dit_params is not None

@@ -29,24 +29,19 @@ from tokcom_jax.stages.flow import FlowStage
 TEACHER_DIR = 'teacher'
 
 
-def enabled(config) -> bool:
-  """Whether stage 2 has a reflow phase: asked for, and a flow head to reflow (the
-  DiT orders and the energy head have none: asked for there, it is skipped)."""
-  return (bool(config.train.reflow.num_steps or config.train.reflow.epochs)
-          and config.flow.order == 'head' and config.head.kind == 'flow')
-
-
 def phases(config, workdir: str) -> list[tuple[ml_collections.ConfigDict, str]]:
   """The runs stage 2 is, in order, as (config, workdir): the flow-matching run
   alone, or with reflow the teacher's run (sampling in `reflow.teacher_steps`) in
-  `<workdir>/teacher`, then the reflow run in `<workdir>`."""
-  if config.stage != 'diffusion' or not enabled(config):
-    if config.stage == 'diffusion' and (config.train.reflow.num_steps
-                                        or config.train.reflow.epochs):
-      logging.warning('train.reflow.num_steps=%d: stage 2 has no flow head to reflow'
-                      ' (flow.order=%s, head.kind=%s): it trains without reflow.',
-                      config.train.reflow.num_steps, config.flow.order,
-                      config.head.kind)
+  `<workdir>/teacher`, then the reflow run in `<workdir>`. Reflow asked for where
+  there is no flow head to reflow (the DiT orders, the energy head) is skipped, with
+  a warning."""
+  r = config.train.reflow
+  if config.stage != 'diffusion' or not (r.num_steps or r.epochs):
+    return [(config, workdir)]
+  if config.flow.order != 'head' or config.head.kind != 'flow':
+    logging.warning('train.reflow.num_steps=%d: stage 2 has no flow head to reflow'
+                    ' (flow.order=%s, head.kind=%s): it trains without reflow.',
+                    r.num_steps, config.flow.order, config.head.kind)
     return [(config, workdir)]
   teacher_dir = os.path.join(workdir, TEACHER_DIR)
   teacher = ml_collections.ConfigDict(config.to_dict())

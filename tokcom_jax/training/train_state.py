@@ -48,7 +48,10 @@ def make_optimizer(train_config, lr: float, total_steps: int, trainable=None):
       optax.clip_by_global_norm(tc.grad_clip),
       optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                   mask=decay_mask))
-  if trainable is not None:  # `trainable(path)` False: a zero update, no decay
+  # `trainable(path)` False: the update is zeroed after AdamW (no step, no decay).
+  # Not `optax.multi_transform`: its states hold partial parameter trees, which
+  # `opt_state_shardings` (optax.tree_map_params) cannot map onto the parameters.
+  if trainable is not None:
     tx = optax.chain(tx, optax.masked(optax.set_to_zero(), lambda params: (
         jax.tree_util.tree_map_with_path(lambda p, _: not trainable(p), params))))
   if tc.grad_accum > 1:
